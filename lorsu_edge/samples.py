@@ -1,0 +1,401 @@
+"""Read a session's few-shot samples (`lorsu-edge adapt --data DIR`).
+
+Two layouts are accepted, tried in this order:
+
+1. `DIR/manifest.jsonl`: one JSON object per line, either
+   `{"image": "relpath", "label": "..."}` or `{"image": ..., "question": ..., "answer": ...}`.
+   Unknown fields are ignored, blank lines are allowed, paths are relative to DIR (absolute paths
+   work too) and are resolved.
+2. Class subfolders: `DIR/<label>/*.{jpg,jpeg,png,bmp,gif,webp,tif,tiff}` (extension
+   case-insensitive, hidden files and folders ignored).
+
+Every image is read once: its bytes are hashed (sha256, which the workdir uses to know what was
+already trained on) and decoded through the same path `load_image` takes, so a file that passes
+here will also load during training. Unusable files are skipped with a logged warning and recorded
+in `SampleSet.skipped`; malformed manifests are a `DataError` naming file, line and field.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from lorsu_edge.errors import DataError
+
+MANIFEST_NAME = "manifest.jsonl"
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+# Past this many, per-file warnings become one summary line: a folder of 5,000 broken files
+# should not bury the rest of the run's output. Every skip is still in `SampleSet.skipped`.
+MAX_SKIP_WARNINGS = 20
+
+_LAYOUTS_HINT = (
+    f"put a {MANIFEST_NAME} in DIR (one JSON object per line: "
+    '{"image": "cat/1.jpg", "label": "cat"} or {"image": ..., "question": ..., "answer": ...}) '
+    "or one subfolder per class: DIR/<label>/*.jpg|png|..."
+)
+_ROW_HINT = (
+    'each line must be one JSON object like {"image": "cat/1.jpg", "label": "cat"} '
+    'or {"image": "x.jpg", "question": "What is it?", "answer": "a cat"}'
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One verified image with its label or its question/answer pair."""
+
+    path: Path
+    """Resolved path of the image file."""
+    sha256: str
+    """Hex sha256 of the file's bytes (the workdir uses it to know what was already trained on)."""
+    label: str | None = None
+    question: str | None = None
+    answer: str | None = None
+
+    @property
+    def is_vqa(self) -> bool:
+        """True for a question/answer sample, False for a label sample."""
+        return self.question is not None
+
+
+@dataclass
+class SampleSet:
+    """The usable samples of one data folder, in a deterministic order, plus what was skipped."""
+
+    root: Path
+    samples: list[Sample]
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+    """(file, reason) for every missing, unreadable, corrupt or duplicate image."""
+
+    @property
+    def labels(self) -> list[str]:
+        """Sorted unique labels of the label (non-VQA) samples."""
+        return sorted({s.label for s in self.samples if not s.is_vqa and s.label is not None})
+
+    @property
+    def kind(self) -> str:
+        """"label", "vqa" or "mixed" ("label" for an empty set)."""
+        vqa = sum(s.is_vqa for s in self.samples)
+        if vqa == 0:
+            return "label"
+        return "vqa" if vqa == len(self.samples) else "mixed"
+
+
+@dataclass(frozen=True)
+class _Row:
+    """A sample before its image is verified."""
+
+    path: Path
+    label: str | None = None
+    question: str | None = None
+    answer: str | None = None
+
+
+class _Unusable(Exception):
+    """An image file that is skipped; the message is the reason recorded in `skipped`."""
+
+
+def read_samples(root: Path, *, max_samples: int | None = None) -> SampleSet:
+    """Read and verify the samples under `root` (manifest.jsonl, else class subfolders).
+
+    `max_samples` caps the number of usable samples kept (first ones in order); files after the
+    cap are not opened. Raises `DataError` for a missing folder, an unrecognised layout, a
+    malformed manifest, or when no image at all is usable; `ValueError` for `max_samples < 1`.
+    """
+    if max_samples is not None and max_samples < 1:
+        raise ValueError(f"max_samples must be >= 1 or None, got {max_samples}")
+    root = _check_root(Path(root))
+    manifest = root / MANIFEST_NAME
+    rows = _read_manifest(manifest, root) if manifest.is_file() else _scan_folders(root)
+    return _verify(root, rows, max_samples)
+
+
+def load_image(path: Path) -> Image.Image:
+    """Load an image as 8-bit RGB with its EXIF orientation applied.
+
+    Grayscale and palette images are converted; transparency (RGBA, LA, palette or colour-key)
+    is composited on white; 16-bit and 32-bit/float grayscale are scaled down to 8 bits rather
+    than clipped. Raises `DataError` if the file cannot be read or decoded.
+    """
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise DataError(
+            f"cannot read image {path}: {e.strerror or e}",
+            hint="the file was readable when the samples were listed; check it was not moved or deleted",
+        ) from e
+    try:
+        return _decode(data)
+    except Exception as e:  # PIL's plugins raise many exception types on corrupt input
+        raise DataError(
+            f"cannot decode image {path}: {type(e).__name__}: {e}",
+            hint="open the file in an image viewer; re-save or remove it",
+        ) from e
+
+
+# --- layout detection -------------------------------------------------------------------------
+
+
+def _check_root(root: Path) -> Path:
+    if not root.exists():
+        hint = "pass --data DIR with an existing folder; " + _LAYOUTS_HINT
+        raise DataError(f"data folder {root} does not exist", hint=hint)
+    if not root.is_dir():
+        hint = "pass the folder that holds the images; " + _LAYOUTS_HINT
+        raise DataError(f"--data {root} is not a folder", hint=hint)
+    return root.resolve()
+
+
+def _is_hidden(path: Path) -> bool:
+    return path.name.startswith(".")
+
+
+def _scan_folders(root: Path) -> list[_Row]:
+    """Rows from DIR/<label>/<image>, sorted by label then file name."""
+    try:
+        folders = sorted(p for p in root.iterdir() if p.is_dir() and not _is_hidden(p))
+        rows = [
+            _Row(path=f.resolve(), label=folder.name)
+            for folder in folders
+            for f in sorted(folder.iterdir())
+            # not is_dir rather than is_file: a broken link is kept and then skipped as missing
+            if f.suffix.lower() in IMAGE_EXTENSIONS and not _is_hidden(f) and not f.is_dir()
+        ]
+    except OSError as e:
+        hint = "check the folder's permissions"
+        raise DataError(f"cannot list {root}: {e.strerror or e}", hint=hint) from e
+    if not rows:
+        message = f"no {MANIFEST_NAME} and no class subfolders with images in {root}"
+        raise DataError(message, hint=_no_layout_hint(root))
+    return rows
+
+
+def _no_layout_hint(root: Path) -> str:
+    """Point at the likely mistake (flat images, misnamed manifest) before the generic advice."""
+    try:
+        names = [p.name for p in root.iterdir() if p.is_file() and not _is_hidden(p)]
+    except OSError:
+        names = []
+    near = sorted(n for n in names if n.lower().endswith((".jsonl", ".json")))
+    if near:
+        found = ", ".join(near[:3])
+        return f"found {found}: the manifest must be named exactly {MANIFEST_NAME}; " + _LAYOUTS_HINT
+    if any(Path(n).suffix.lower() in IMAGE_EXTENSIONS for n in names):
+        advice = "images directly in DIR have no label: move them into DIR/<label>/ or list them in a manifest; "
+        return advice + _LAYOUTS_HINT
+    return _LAYOUTS_HINT
+
+
+# --- manifest ---------------------------------------------------------------------------------
+
+
+def _read_manifest(path: Path, root: Path) -> list[_Row]:
+    """Parse every line first, so a bad line fails fast before any image is opened."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # -sig: tolerate a BOM from Windows editors
+    except UnicodeDecodeError as e:
+        message = f"{path} is not UTF-8 text (byte {e.start}: {e.reason})"
+        raise DataError(message, hint="save the manifest as UTF-8") from e
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {e.strerror or e}", hint="check the file's permissions") from e
+    # split on \n only: str.splitlines would also split on U+2028 etc., which are legal inside JSON strings
+    rows = [
+        _parse_row(line, path, lineno, root)
+        for lineno, line in enumerate(text.split("\n"), start=1)
+        if line.strip()
+    ]
+    if not rows:
+        raise DataError(f"{path} has no rows", hint=_ROW_HINT)
+    return rows
+
+
+def _parse_row(line: str, path: Path, lineno: int, root: Path) -> _Row:
+    where = f"{path} line {lineno}"
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where}: invalid JSON: {e.msg} (column {e.colno})", hint=_ROW_HINT) from e
+    if not isinstance(obj, dict):
+        raise DataError(f"{where}: expected a JSON object, got {_json_type(obj)}", hint=_ROW_HINT)
+    image = _text_field(obj, "image", where, numbers_ok=False)
+    if image is None:
+        raise DataError(f'{where}: missing field "image"', hint=_ROW_HINT)
+    label = _text_field(obj, "label", where, numbers_ok=True)
+    if obj.get("question") is None and obj.get("answer") is None:
+        if label is None:
+            message = f'{where}: missing field "label" (or "question" + "answer" for a VQA row)'
+            raise DataError(message, hint=_ROW_HINT)
+        return _Row(path=_resolve(image, root), label=label)
+    question = _text_field(obj, "question", where, numbers_ok=False)
+    answer = _text_field(obj, "answer", where, numbers_ok=True)  # "2" and 2 are the same answer
+    for name, value in (("question", question), ("answer", answer)):
+        if value is None:
+            message = f'{where}: missing field "{name}" (a VQA row needs both "question" and "answer")'
+            raise DataError(message, hint=_ROW_HINT)
+    return _Row(path=_resolve(image, root), label=label, question=question, answer=answer)
+
+
+def _text_field(obj: dict[str, Any], name: str, where: str, *, numbers_ok: bool) -> str | None:
+    """The field as a stripped non-empty string, None if absent or null; DataError on a bad type."""
+    value = obj.get(name)
+    if value is None:
+        return None
+    # bool is an int subclass; `"label": true` is a mistake, not the label "True"
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if is_number and numbers_ok and math.isfinite(value):
+        return str(value)
+    if not isinstance(value, str):
+        allowed = "a string or a number" if numbers_ok else "a string"
+        raise DataError(f'{where}: field "{name}" must be {allowed}, got {_json_type(value)}', hint=_ROW_HINT)
+    if not value.strip():
+        raise DataError(f'{where}: field "{name}" is empty', hint=_ROW_HINT)
+    return value.strip()
+
+
+def _json_type(value: object) -> str:
+    """How a JSON value reads in an error message ("an array", "a boolean", ...)."""
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"the non-finite number {value}"
+    if isinstance(value, (int, float)):
+        return "a number"
+    return {dict: "an object", list: "an array", str: "a string"}.get(type(value), type(value).__name__)
+
+
+def _resolve(image: str, root: Path) -> Path:
+    p = Path(image)
+    return (p if p.is_absolute() else root / p).resolve()
+
+
+# --- verification -----------------------------------------------------------------------------
+
+
+def _verify(root: Path, rows: list[_Row], max_samples: int | None) -> SampleSet:
+    """Hash and decode each row's image; keep the first of each duplicate; stop at the cap."""
+    out = SampleSet(root=root, samples=[])
+    first_seen: dict[tuple[str, str | None], Path] = {}
+    for row in rows:
+        if max_samples is not None and len(out.samples) >= max_samples:
+            break
+        try:
+            digest = _check_image(row.path, row, first_seen)
+        except _Unusable as e:
+            _skip(out, row.path, str(e))
+            continue
+        out.samples.append(Sample(row.path, digest, row.label, row.question, row.answer))
+    if len(out.skipped) > MAX_SKIP_WARNINGS:
+        more = len(out.skipped) - MAX_SKIP_WARNINGS
+        log.warning("... and %d more files skipped (%d in all)", more, len(out.skipped))
+    if not out.samples:
+        first = f" (first: {out.skipped[0][0]}: {out.skipped[0][1]})" if out.skipped else ""
+        raise DataError(
+            f"no usable image in {root}: {len(out.skipped)} file(s) skipped{first}",
+            hint="check that the files open in an image viewer and that manifest paths are relative to DIR",
+        )
+    return out
+
+
+def _check_image(path: Path, row: _Row, first_seen: dict[tuple[str, str | None], Path]) -> str:
+    """Return the file's sha256 if it is a new, decodable image; raise `_Unusable` otherwise."""
+    data = _read_bytes(path)
+    digest = hashlib.sha256(data).hexdigest()
+    # VQA data often asks several questions about one image: those are distinct samples, so the
+    # duplicate key includes the question. For label rows the same picture twice (even under two
+    # labels) is a duplicate and only the first is kept.
+    key = (digest, row.question)
+    if key in first_seen:
+        raise _Unusable(f"duplicate of {first_seen[key]}")
+    try:
+        _decode(data)
+    except Exception as e:  # PIL's plugins raise many exception types on corrupt input
+        raise _Unusable(f"cannot decode image: {type(e).__name__}: {e}") from e
+    first_seen[key] = path
+    return digest
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise _Unusable("missing file") from None
+    except IsADirectoryError:
+        raise _Unusable("not a file") from None
+    except OSError as e:
+        raise _Unusable(f"unreadable: {e.strerror or e}") from None
+    if not data:
+        raise _Unusable("empty file")
+    return data
+
+
+def _skip(out: SampleSet, path: Path, reason: str) -> None:
+    out.skipped.append((path, reason))
+    if len(out.skipped) <= MAX_SKIP_WARNINGS:
+        log.warning("skipped %s: %s", path, reason)
+
+
+# --- decoding ---------------------------------------------------------------------------------
+
+_ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
+
+
+def _decode(data: bytes) -> Image.Image:
+    """Decode fully (so truncation is caught now, not mid-training) and normalise to RGB."""
+    with Image.open(io.BytesIO(data)) as im:
+        im.load()
+        return _to_rgb(_exif_upright(im))
+
+
+def _exif_upright(im: Image.Image) -> Image.Image:
+    try:
+        upright = ImageOps.exif_transpose(im)
+    except Exception:  # a malformed EXIF block must not cost us an otherwise good image
+        log.debug("ignoring unreadable EXIF orientation", exc_info=True)
+        return im.copy()
+    return upright if upright is not None else im.copy()
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    if im.mode in ("I", "F") or im.mode.startswith("I;16"):
+        im = _high_bit_to_l(im)
+    if im.mode in _ALPHA_MODES or "transparency" in im.info:
+        # composite on white: converting straight to RGB would show transparent pixels as
+        # whatever colour they happen to store (often black)
+        white = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, im.convert("RGBA")).convert("RGB")
+    return im if im.mode == "RGB" else im.convert("RGB")
+
+
+def _high_bit_to_l(im: Image.Image) -> Image.Image:
+    """Scale 16/32-bit or float grayscale to 8 bits; PIL's own convert("L") clips at 255."""
+    arr = np.asarray(im)
+    if im.mode == "F":
+        arr = np.nan_to_num(arr.astype(np.float64))
+        in_unit_range = arr.size > 0 and arr.min() >= 0.0 and arr.max() <= 1.0
+        scaled = arr * 255.0 if in_unit_range else _stretch(arr)
+    else:
+        arr = arr.astype(np.int64)
+        lo, hi = (int(arr.min()), int(arr.max())) if arr.size else (0, 0)
+        if im.mode.startswith("I;16") or (lo >= 0 and 255 < hi <= 65535):
+            scaled = arr / 257.0  # 65535 -> 255 exactly
+        elif lo >= 0 and hi <= 255:
+            scaled = arr.astype(np.float64)  # 8-bit data stored in a 32-bit image
+        else:
+            scaled = _stretch(arr.astype(np.float64))
+    return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8))
+
+
+def _stretch(arr: np.ndarray) -> np.ndarray:
+    lo, hi = float(arr.min()), float(arr.max())
+    return (arr - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr)
