@@ -1,0 +1,66 @@
+"""Method and training configuration: dataclasses that validate themselves.
+
+Defaults follow the paper's few-shot recipe (LORSU.md): sparsity 0.1, top-2 heads, rank = alpha = 64,
+lr 1e-5 for the CLIP loss, 5 epochs, batch 16. CLI help text is read from the field metadata.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+METHODS = ("lorsu", "lora", "spu", "full")
+
+
+def _help(text: str, **kw) -> dict:
+    return dict(metadata={"help": text}, **kw)
+
+
+@dataclass
+class MethodConfig:
+    """Which encoder parameters a session may change, and how."""
+
+    method: str = field(default="lorsu", **_help("lorsu | lora (q/k/v, all heads) | spu (sparse fc1) | full"))
+    sparsity: float = field(default=0.1, **_help("fraction of each block's fc1 weight entries to update (lorsu, spu)"))
+    top_k_heads: int = field(default=2, **_help("attention heads per block whose q/k/v rows get LoRA (lorsu)"))
+    rank: int = field(default=64, **_help("LoRA rank (lorsu, lora)"))
+    alpha: float = field(default=64.0, **_help("LoRA alpha; the update is scaled by alpha / rank"))
+    importance_samples: int = field(default=1000, **_help("samples used to score parameter importance"))
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if not 0.0 < self.sparsity <= 1.0:
+            raise ValueError(f"sparsity must be in (0, 1], got {self.sparsity}")
+        if self.top_k_heads < 0:
+            raise ValueError(f"top_k_heads must be >= 0, got {self.top_k_heads}")
+        if self.rank < 1:
+            raise ValueError(f"rank must be >= 1, got {self.rank}")
+        if self.alpha <= 0:
+            raise ValueError(f"alpha must be > 0, got {self.alpha}")
+        if self.importance_samples < 1:
+            raise ValueError(f"importance_samples must be >= 1, got {self.importance_samples}")
+
+    @property
+    def uses_fc1(self) -> bool:
+        return self.method in ("lorsu", "spu")
+
+    @property
+    def uses_lora(self) -> bool:
+        return self.method in ("lorsu", "lora")
+
+    @property
+    def needs_importance(self) -> bool:
+        return self.method in ("lorsu", "spu")
+
+    @property
+    def train_biases(self) -> bool:
+        """LoRSU trains fc1 and q/k/v biases densely (as the authors do); the baselines follow their papers."""
+        return self.method == "lorsu"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def field_help(cls: type, name: str) -> str:
+    """The help text of a config field (one source for CLI help and docs)."""
+    return next(f.metadata.get("help", "") for f in fields(cls) if f.name == name)
