@@ -7,7 +7,9 @@ Two layouts are accepted, tried in this order:
    Unknown fields are ignored, blank lines are allowed, paths are relative to DIR (absolute paths
    work too) and are resolved.
 2. Class subfolders: `DIR/<label>/*.{jpg,jpeg,png,bmp,gif,webp,tif,tiff}` (extension
-   case-insensitive, hidden files and folders ignored).
+   case-insensitive, hidden files and folders ignored). Files are sorted within each class and
+   the classes are interleaved (a1, b1, c1, a2, ...), so a `max_samples` cap keeps every class
+   instead of filling up with the alphabetically first one.
 
 Every image is read once: its bytes are hashed (sha256, which the workdir uses to know what was
 already trained on) and decoded through the same path `load_image` takes, so a file that passes
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
 import logging
 import math
@@ -108,9 +111,10 @@ class _Unusable(Exception):
 def read_samples(root: Path, *, max_samples: int | None = None) -> SampleSet:
     """Read and verify the samples under `root` (manifest.jsonl, else class subfolders).
 
-    `max_samples` caps the number of usable samples kept (first ones in order); files after the
-    cap are not opened. Raises `DataError` for a missing folder, an unrecognised layout, a
-    malformed manifest, or when no image at all is usable; `ValueError` for `max_samples < 1`.
+    `max_samples` caps the number of usable samples kept (the first ones in order: manifest
+    order, or classes interleaved for folders); files after the cap are not opened.
+    Raises `DataError` for a missing folder, an unrecognised layout, a malformed manifest, or
+    when no image at all is usable; `ValueError` for `max_samples < 1`.
     """
     if max_samples is not None and max_samples < 1:
         raise ValueError(f"max_samples must be >= 1 or None, got {max_samples}")
@@ -162,23 +166,28 @@ def _is_hidden(path: Path) -> bool:
 
 
 def _scan_folders(root: Path) -> list[_Row]:
-    """Rows from DIR/<label>/<image>, sorted by label then file name."""
+    """Rows from DIR/<label>/<image>: sorted within each class, classes interleaved round-robin."""
     try:
         folders = sorted(p for p in root.iterdir() if p.is_dir() and not _is_hidden(p))
-        rows = [
-            _Row(path=f.resolve(), label=folder.name)
-            for folder in folders
-            for f in sorted(folder.iterdir())
-            # not is_dir rather than is_file: a broken link is kept and then skipped as missing
-            if f.suffix.lower() in IMAGE_EXTENSIONS and not _is_hidden(f) and not f.is_dir()
-        ]
+        per_class = [_class_rows(folder) for folder in folders]
     except OSError as e:
         hint = "check the folder's permissions"
         raise DataError(f"cannot list {root}: {e.strerror or e}", hint=hint) from e
+    # round-robin over classes; zip_longest pads the shorter classes with None
+    rows = [row for group in itertools.zip_longest(*per_class) for row in group if row is not None]
     if not rows:
         message = f"no {MANIFEST_NAME} and no class subfolders with images in {root}"
         raise DataError(message, hint=_no_layout_hint(root))
     return rows
+
+
+def _class_rows(folder: Path) -> list[_Row]:
+    return [
+        _Row(path=f.resolve(), label=folder.name)
+        for f in sorted(folder.iterdir())
+        # not is_dir rather than is_file: a broken link is kept and then skipped as missing
+        if f.suffix.lower() in IMAGE_EXTENSIONS and not _is_hidden(f) and not f.is_dir()
+    ]
 
 
 def _no_layout_hint(root: Path) -> str:
@@ -290,7 +299,7 @@ def _verify(root: Path, rows: list[_Row], max_samples: int | None) -> SampleSet:
         if max_samples is not None and len(out.samples) >= max_samples:
             break
         try:
-            digest = _check_image(row.path, row, first_seen)
+            digest = _check_image(row, first_seen)
         except _Unusable as e:
             _skip(out, row.path, str(e))
             continue
@@ -307,9 +316,9 @@ def _verify(root: Path, rows: list[_Row], max_samples: int | None) -> SampleSet:
     return out
 
 
-def _check_image(path: Path, row: _Row, first_seen: dict[tuple[str, str | None], Path]) -> str:
+def _check_image(row: _Row, first_seen: dict[tuple[str, str | None], Path]) -> str:
     """Return the file's sha256 if it is a new, decodable image; raise `_Unusable` otherwise."""
-    data = _read_bytes(path)
+    data = _read_bytes(row.path)
     digest = hashlib.sha256(data).hexdigest()
     # VQA data often asks several questions about one image: those are distinct samples, so the
     # duplicate key includes the question. For label rows the same picture twice (even under two
@@ -318,10 +327,10 @@ def _check_image(path: Path, row: _Row, first_seen: dict[tuple[str, str | None],
     if key in first_seen:
         raise _Unusable(f"duplicate of {first_seen[key]}")
     try:
-        _decode(data)
+        _decode(data, reduced=True)
     except Exception as e:  # PIL's plugins raise many exception types on corrupt input
         raise _Unusable(f"cannot decode image: {type(e).__name__}: {e}") from e
-    first_seen[key] = path
+    first_seen[key] = row.path
     return digest
 
 
@@ -350,9 +359,16 @@ def _skip(out: SampleSet, path: Path, reason: str) -> None:
 _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
 
 
-def _decode(data: bytes) -> Image.Image:
-    """Decode fully (so truncation is caught now, not mid-training) and normalise to RGB."""
+def _decode(data: bytes, *, reduced: bool = False) -> Image.Image:
+    """Decode fully (so truncation is caught now, not mid-training) and normalise to RGB.
+
+    `reduced=True` is for verification only: the pixels may come back downscaled.
+    """
     with Image.open(io.BytesIO(data)) as im:
+        if reduced:
+            # JPEG only: decode at 1/8 scale. libjpeg still walks the whole entropy-coded
+            # stream, so truncation is caught, at half the cost on large photos.
+            im.draft(None, (1, 1))
         im.load()
         return _to_rgb(_exif_upright(im))
 

@@ -105,7 +105,7 @@ def test_manifest_with_bom_is_accepted(tmp_path: Path) -> None:
 # --- folder layout ----------------------------------------------------------------------------
 
 
-def test_class_folders_sorted_case_insensitive_extensions_hidden_ignored(tmp_path: Path) -> None:
+def test_class_folders_interleaved_case_insensitive_extensions_hidden_ignored(tmp_path: Path) -> None:
     _distinct_pngs(tmp_path / "zebra", ["b.PNG", "a.png"])
     _distinct_pngs(tmp_path / "ant", ["x.Png"])
     _png(tmp_path / "ant" / "y.JPEG", color=(99, 99, 99))
@@ -114,22 +114,24 @@ def test_class_folders_sorted_case_insensitive_extensions_hidden_ignored(tmp_pat
     (tmp_path / "ant" / "notes.txt").write_text("not an image")
     _png(tmp_path / "ant" / "nested" / "deep.png", color=(8, 8, 8))  # not recursed into
     result = read_samples(tmp_path)
+    # sorted within a class, classes taken in turn
     assert [(s.label, s.path.name) for s in result.samples] == [
         ("ant", "x.Png"),
-        ("ant", "y.JPEG"),
         ("zebra", "a.png"),
+        ("ant", "y.JPEG"),
         ("zebra", "b.PNG"),
     ]
     assert result.labels == ["ant", "zebra"]
     assert result.skipped == []
 
 
-def test_order_is_deterministic_across_reads(tmp_path: Path) -> None:
-    for label in ["c", "a", "b"]:
-        _distinct_pngs(tmp_path / label, [f"{label}{i}.png" for i in (3, 1, 2)])
-    first = [s.path for s in read_samples(tmp_path).samples]
-    assert first == [s.path for s in read_samples(tmp_path).samples]
-    assert first == sorted(first)
+def test_folder_order_is_deterministic_and_round_robin(tmp_path: Path) -> None:
+    _distinct_pngs(tmp_path / "c", ["c3.png", "c1.png", "c2.png"])
+    _distinct_pngs(tmp_path / "a", ["a2.png", "a1.png"])
+    _distinct_pngs(tmp_path / "b", ["b1.png"])
+    first = [s.path.name for s in read_samples(tmp_path).samples]
+    assert first == ["a1.png", "b1.png", "c1.png", "a2.png", "c2.png", "c3.png"]
+    assert first == [s.path.name for s in read_samples(tmp_path).samples]
 
 
 # --- folder-level errors ----------------------------------------------------------------------
@@ -410,12 +412,24 @@ def test_sha256_is_hash_of_file_bytes(tmp_path: Path) -> None:
 def test_max_samples_caps_usable_samples_and_stops_opening_files(tmp_path: Path) -> None:
     _distinct_pngs(tmp_path / "a", ["1.png", "2.png", "3.png"])
     (tmp_path / "a" / "0.png").write_bytes(b"")  # first in order: skipped, does not count
-    (tmp_path / "b").mkdir()
-    (tmp_path / "b" / "late.png").write_bytes(b"")  # after the cap: never opened
+    (tmp_path / "a" / "9.png").write_bytes(b"")  # after the cap: never opened
     result = read_samples(tmp_path, max_samples=2)
     assert [s.path.name for s in result.samples] == ["1.png", "2.png"]
     assert [p.name for p, _ in result.skipped] == ["0.png"]
     assert len(read_samples(tmp_path, max_samples=100).samples) == 3
+
+
+def test_max_samples_keeps_every_class_of_a_folder_layout(tmp_path: Path) -> None:
+    for label in ["a", "b", "c"]:
+        _distinct_pngs(tmp_path / label, [f"{i}.png" for i in range(5)])
+    result = read_samples(tmp_path, max_samples=3)
+    assert result.labels == ["a", "b", "c"]
+
+
+def test_manifest_order_is_kept_under_a_cap(tmp_path: Path) -> None:
+    _distinct_pngs(tmp_path, ["1.png", "2.png", "3.png"])
+    _manifest(tmp_path, [{"image": f"{i}.png", "label": "same" if i < 3 else "other"} for i in (1, 2, 3)])
+    assert read_samples(tmp_path, max_samples=2).labels == ["same"]
 
 
 def test_max_samples_must_be_positive(tmp_path: Path) -> None:
@@ -429,3 +443,33 @@ def test_dataclasses_are_usable_directly() -> None:
     assert s.is_vqa
     empty = SampleSet(root=Path("."), samples=[])
     assert (empty.kind, empty.labels, empty.skipped) == ("label", [], [])
+
+
+def test_verified_jpeg_still_loads_at_full_size(tmp_path: Path) -> None:
+    # verification decodes JPEGs at reduced scale; loading for training must not
+    p = tmp_path / "c" / "big.jpg"
+    p.parent.mkdir()
+    Image.new("RGB", (80, 48), (0, 128, 0)).save(p, "JPEG")
+    (sample,) = read_samples(tmp_path).samples
+    assert load_image(sample.path).size == (80, 48)
+
+
+@pytest.mark.parametrize("ext", sorted(samples_mod.IMAGE_EXTENSIONS))
+def test_every_accepted_extension_reads_and_loads_as_rgb(tmp_path: Path, ext: str) -> None:
+    p = tmp_path / "c" / f"img{ext.upper()}"
+    p.parent.mkdir()
+    im = Image.new("RGB", (12, 10), (200, 40, 40))
+    (im.quantize(4) if ext == ".gif" else im).save(p)
+    (sample,) = read_samples(tmp_path).samples
+    im = load_image(sample.path)
+    assert (im.mode, im.size) == ("RGB", (12, 10))
+    # lossy formats (jpeg, webp) move the colour a little
+    assert all(abs(c - e) <= 12 for c, e in zip(im.getpixel((5, 5)), (200, 40, 40)))
+
+
+def test_cmyk_and_bilevel_images_become_rgb(tmp_path: Path) -> None:
+    Image.new("CMYK", (4, 3), (0, 255, 255, 0)).save(tmp_path / "cmyk.jpg")
+    Image.new("1", (4, 3), 1).save(tmp_path / "bw.bmp")
+    red = load_image(tmp_path / "cmyk.jpg").getpixel((1, 1))
+    assert red[0] > 240 and red[1] < 15 and red[2] < 15
+    assert load_image(tmp_path / "bw.bmp").getpixel((1, 1)) == (255, 255, 255)
