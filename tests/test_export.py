@@ -1,0 +1,277 @@
+"""ONNX export: parity with PyTorch on every wired family, metadata, precision bounds, failure leaves no file,
+and the standalone `export/infer_onnx.py` reproduces PyTorch on a real PNG through the model's processor."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from PIL import Image
+
+import lorsu_edge.export as ex
+from lorsu_edge.config import MethodConfig
+from lorsu_edge.consumer import image_features, vlm_features
+from lorsu_edge.errors import BadInputError, ExportMismatchError
+from lorsu_edge.export import TOLERANCES, Tolerance, export_onnx, onnx_session, sidecar_path
+from lorsu_edge.families import find_encoder
+from lorsu_edge.inject import inject, select_targets
+from lorsu_edge.merge import encoder_state_dict, tensors_hash
+from lorsu_edge.tiny import IMAGE_SIZE, _image_processor, tiny_model
+
+ROOT = Path(__file__).resolve().parents[1]
+INFER = ROOT / "export" / "infer_onnx.py"
+FAMILY_KINDS = ["clip", "clip_vision", "siglip", "dinov2", "vit", "blip_vision", "llava", "dual_dinov2"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    torch.set_num_threads(1)
+
+
+def _model(kind, seed=0):
+    model = tiny_model(kind, seed=seed)
+    if kind == "blip_vision":
+        # BlipVisionConfig initialises weights with std 1e-10: every output is ~0 and any comparison is vacuous.
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.dim() > 1:
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    return model, find_encoder(model)
+
+
+def _pixels(n, seed=7):
+    return torch.randn(n, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(seed))
+
+
+def _cosines(a, b):
+    a, b = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+def _run(path, px):
+    return onnx_session(Path(path).read_bytes()).run(None, {"pixel_values": px.numpy()})[0]
+
+
+def _png(path: Path, size=(50, 37)) -> Path:
+    """A real PNG file: a textile photo from conformal-clip-data when installed, else a drawn scene."""
+    src = None
+    if importlib.util.find_spec("conformal_clip_data"):
+        folder = Path(importlib.util.find_spec("conformal_clip_data").origin).parent
+        src = next(iter(sorted(folder.rglob("*.jpg"))), None)
+    if src is not None:
+        im = Image.open(src).convert("RGB").resize(size)
+    else:
+        y, x = np.mgrid[0:size[1], 0:size[0]]
+        arr = np.stack([x * 5 % 256, y * 7 % 256, (x * y) % 256], -1).astype(np.uint8)
+        im = Image.fromarray(arr)
+    im.save(path, format="PNG")
+    return path
+
+
+# --- parity on every family --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", FAMILY_KINDS)
+def test_every_family_exports_with_parity_and_metadata(kind, tmp_path):
+    model, spec = _model(kind)
+    out = tmp_path / f"{kind}.onnx"
+    res = export_onnx(model, spec, _image_processor(kind), out, meta={"base_model": "tiny", "session_id": "0001"})
+    assert out.is_file() and res.sidecar.is_file()
+    assert [p.batch for p in res.parity] == [1, 3]
+    assert all(p.rel_max_abs <= TOLERANCES["fp32"].max_rel_abs for p in res.parity)
+    # An independent check on a batch size the tracer never saw (the batch axis is dynamic).
+    px = _pixels(5)
+    with torch.no_grad():
+        ref = image_features(model, spec, px).numpy()
+    got = _run(out, px)
+    assert got.shape == ref.shape
+    assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max()
+    side = json.loads(res.sidecar.read_text())
+    assert side["encoder_sha256"] == tensors_hash(encoder_state_dict(model, spec))
+    assert side["base_model"] == "tiny" and side["session_id"] == "0001"
+    assert side["output"]["shape"] == ["batch", *ref.shape[1:]]
+    assert side["input"]["shape"] == ["batch", 3, IMAGE_SIZE, IMAGE_SIZE]
+    assert side["onnx_sha256"] == __import__("hashlib").sha256(out.read_bytes()).hexdigest()
+    props = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    assert props["lorsu_edge.export_id"] == side["export_id"]
+    assert props["lorsu_edge.encoder_sha256"] == side["encoder_sha256"]
+    assert json.loads(props["lorsu_edge.parity"]) == side["parity"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([out.name, res.sidecar.name])  # no temp files
+
+
+def test_llava_features_with_and_without_projector(tmp_path):
+    model, spec = _model("llava")
+    px = _pixels(2)
+    plain = export_onnx(model, spec, _image_processor("llava"), tmp_path / "f.onnx")
+    proj = export_onnx(model, spec, _image_processor("llava"), tmp_path / "p.onnx", with_projector=True)
+    with torch.no_grad():
+        feats = vlm_features(model, spec, px).numpy()
+        embeds = image_features(model, spec, px, with_projector=True).numpy()
+    n_patches = (IMAGE_SIZE // 8) ** 2
+    assert feats.shape == (2, n_patches, model.config.vision_config.hidden_size)  # CLS dropped ("default")
+    assert embeds.shape == (2, n_patches, model.config.text_config.hidden_size)
+    np.testing.assert_allclose(_run(plain.path, px), feats, atol=1e-4 * np.abs(feats).max())
+    np.testing.assert_allclose(_run(proj.path, px), embeds, atol=1e-4 * np.abs(embeds).max())
+    assert plain.metadata["output"]["name"] == "vision_features" and "projector_sha256" not in plain.metadata
+    assert proj.metadata["output"]["name"] == "projected_features" and "projector_sha256" in proj.metadata
+    # vision_feature_layer=-2: the last block's output is never read, so it must not be in the graph.
+    last = f"layers.{len(spec.blocks) - 1}."
+    names = [i.name for i in onnx.load(str(plain.path)).graph.initializer]
+    assert any("layers.0." in n for n in names) and not any(last in n for n in names)
+
+
+# --- reduced precision ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("precision", ["fp16", "int8"])
+@pytest.mark.parametrize("kind", ["clip", "llava", "dual_dinov2"])
+def test_reduced_precision_meets_its_bound(kind, precision, tmp_path):
+    model, spec = _model(kind)
+    res = export_onnx(model, spec, _image_processor(kind), tmp_path / "m.onnx", precision=precision)
+    bound = TOLERANCES[precision].min_cosine
+    assert all(p.min_cosine >= bound for p in res.parity)
+    px = _pixels(4, seed=11)
+    with torch.no_grad():
+        ref = image_features(model, spec, px).numpy()
+    got = _run(res.path, px)
+    assert got.dtype == np.float32  # I/O stays fp32 at every precision
+    assert _cosines(ref, got).min() >= bound
+    graph = onnx.load(str(res.path)).graph
+    ops = {n.op_type for n in graph.node}
+    if precision == "int8":
+        assert "MatMulInteger" in ops and "ConvInteger" not in ops
+    else:
+        assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in graph.initializer)
+        assert "LayerNormalization" in ops  # kept, and kept fp32: its scale stays a float initializer
+        ln_inputs = {i for n in graph.node if n.op_type == "LayerNormalization" for i in n.input[1:]}
+        assert all(t.data_type == onnx.TensorProto.FLOAT for t in graph.initializer if t.name in ln_inputs)
+
+
+# --- failure paths: nothing is left where a runtime would pick it up -----------------------------------
+
+
+def _assert_nothing_new(folder: Path, before: dict[str, bytes]):
+    now = {p.name: p.read_bytes() for p in folder.iterdir()}
+    assert now == before
+
+
+def test_tolerance_zero_fails_and_keeps_previous_export(tmp_path):
+    model, spec = _model("llava")
+    out = tmp_path / "enc.onnx"
+    export_onnx(model, spec, _image_processor("llava"), out)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with torch.no_grad():  # a different encoder, so a successful overwrite would be visible
+        model.get_submodule(spec.blocks[0].fc1).weight.add_(0.01)
+    with pytest.raises(ExportMismatchError, match="differs from PyTorch"):
+        export_onnx(model, spec, _image_processor("llava"), out, tolerance=Tolerance(max_rel_abs=0.0))
+    _assert_nothing_new(tmp_path, before)
+
+
+def test_corrupted_export_is_caught_and_not_written(tmp_path, monkeypatch):
+    real = ex.to_precision
+
+    def corrupt(fp32, precision, scratch):
+        proto = onnx.load_from_string(real(fp32, precision, scratch))
+        target = max(proto.graph.initializer, key=lambda t: int(np.prod(t.dims)))
+        arr = onnx.numpy_helper.to_array(target).copy()
+        arr.flat[0] += 1.0  # one weight off by 1
+        target.CopyFrom(onnx.numpy_helper.from_array(arr, target.name))
+        return proto.SerializeToString()
+
+    monkeypatch.setattr(ex, "to_precision", corrupt)
+    model, spec = _model("clip")
+    with pytest.raises(ExportMismatchError) as err:
+        export_onnx(model, spec, _image_processor("clip"), tmp_path / "enc.onnx")
+    assert err.value.hint and int(err.value.exit_code) == 7
+    _assert_nothing_new(tmp_path, {})
+
+
+def test_invalid_graph_is_caught_and_not_written(tmp_path, monkeypatch):
+    monkeypatch.setattr(ex, "to_precision", lambda fp32, precision, scratch: b"not an onnx model")
+    model, spec = _model("dinov2")
+    with pytest.raises(ExportMismatchError, match="invalid"):
+        export_onnx(model, spec, _image_processor("dinov2"), tmp_path / "enc.onnx", precision="int8")
+    _assert_nothing_new(tmp_path, {})
+
+
+def test_bad_requests_are_one_line_errors(tmp_path):
+    model, spec = _model("clip")
+    with pytest.raises(BadInputError, match="only applies to a VLM"):
+        export_onnx(model, spec, None, tmp_path / "a.onnx", with_projector=True)
+    with pytest.raises(BadInputError, match="--precision"):
+        export_onnx(model, spec, None, tmp_path / "a.onnx", precision="int4")
+    with pytest.raises(BadInputError, match="directory"):
+        export_onnx(model, spec, None, tmp_path)
+    half = tiny_model("clip_vision").to(torch.bfloat16)
+    with pytest.raises(BadInputError, match="fp32"):
+        export_onnx(half, find_encoder(half), None, tmp_path / "a.onnx")
+    lora = MethodConfig(method="lora", rank=2, alpha=2)
+    inject(model, select_targets(spec, lora, None), lora)
+    with pytest.raises(BadInputError, match="unload"):
+        export_onnx(model, spec, None, tmp_path / "a.onnx")
+    _assert_nothing_new(tmp_path, {})
+
+
+def test_session_images_are_used_for_the_proof(tmp_path):
+    model, spec = _model("dual_dinov2")
+    pngs = [_png(tmp_path / "a.png"), _png(tmp_path / "b.png", size=(30, 60))]
+    res = export_onnx(model, spec, _image_processor("dual_dinov2"), tmp_path / "out" / "m.onnx",
+                      sample_images=pngs)
+    assert res.metadata["parity"]["inputs"] == "2 session image(s)"
+    assert res.path.is_file()
+
+
+# --- the standalone inference script --------------------------------------------------------------------
+
+
+def _infer_module():
+    spec = importlib.util.spec_from_file_location("infer_onnx", INFER)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _siglip_processor():
+    from transformers import SiglipImageProcessor
+
+    return SiglipImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+
+
+@pytest.mark.parametrize("kind", ["clip", "dual_dinov2", "siglip", "llava"])
+def test_infer_script_matches_pytorch_on_a_png(kind, tmp_path):
+    from lorsu_edge.samples import load_image
+
+    model, spec = _model(kind)
+    proc = _siglip_processor() if kind == "siglip" else _image_processor(kind)
+    res = export_onnx(model, spec, proc, tmp_path / "m.onnx")
+    png = _png(tmp_path / "img.png")
+    pixels = proc(images=[load_image(png)], return_tensors="pt")["pixel_values"]
+    mod = _infer_module()
+    mine = mod.preprocess(mod.load_rgb(png), res.metadata["input"]["preprocess"])
+    np.testing.assert_allclose(mine, pixels[0].numpy(), atol=1e-5)
+    with torch.no_grad():
+        ref = image_features(model, spec, pixels).numpy()[0]
+    proc_run = subprocess.run([sys.executable, str(INFER), str(res.path), str(png)], capture_output=True,
+                              text=True, timeout=120)
+    assert proc_run.returncode == 0, proc_run.stderr
+    doc = json.loads(proc_run.stdout)
+    got = np.array(doc["results"][0]["embedding"], dtype=np.float32)
+    assert doc["export_id"] == res.metadata["export_id"] and got.shape == ref.shape
+    assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
+def test_infer_script_refuses_a_foreign_sidecar(tmp_path):
+    model, spec = _model("clip_vision")
+    res = export_onnx(model, spec, _image_processor("clip_vision"), tmp_path / "m.onnx")
+    side = json.loads(res.sidecar.read_text())
+    side["export_id"] = "0" * 32
+    sidecar_path(res.path).write_text(json.dumps(side))
+    run = subprocess.run([sys.executable, str(INFER), str(res.path), str(_png(tmp_path / "i.png"))],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 3 and "does not belong to its sidecar" in run.stderr
