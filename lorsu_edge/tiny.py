@@ -49,3 +49,93 @@ def tiny_model(kind: str, seed: int = 0, vocab_size: int = 300) -> torch.nn.Modu
     else:
         raise ValueError(f"unknown tiny kind {kind!r}; choose from {KINDS}")
     return m.eval()
+
+
+def _bpe_tokenizer(extra: list[str]):
+    """A byte-level BPE trained in ~0.1 s on a few sentences, wrapped as a fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    words = "a photo of the cat dog red blue What is this USER ASSISTANT answer The yes no color".split()
+    trainer = trainers.BpeTrainer(vocab_size=260, special_tokens=["<unk>", "<pad>", "<s>", "</s>", *extra],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([" ".join(words)] * 20, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
+                                   eos_token="</s>", extra_special_tokens={"image_token": "<image>"}
+                                   if "<image>" in extra else {})
+
+
+def _clip_tokenizer(dest: Path):
+    """A CLIPTokenizer over single bytes (no merges): CLIPProcessor insists on that class."""
+    from transformers import CLIPTokenizer
+    from transformers.models.clip.tokenization_clip import bytes_to_unicode
+
+    chars = list(bytes_to_unicode().values())
+    vocab = {c: i for i, c in enumerate(chars + [c + "</w>" for c in chars])}
+    vocab.update({"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1})
+    (dest / "vocab.json").write_text(json.dumps(vocab))
+    (dest / "merges.txt").write_text("#version: 0.2\n")
+    return CLIPTokenizer(str(dest / "vocab.json"), str(dest / "merges.txt"))
+
+
+def _image_processor(kind: str):
+    from transformers import BitImageProcessor, CLIPImageProcessor
+
+    size = {"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+    if kind.startswith("dual"):
+        return BitImageProcessor(size={"shortest_edge": IMAGE_SIZE}, crop_size=size, do_center_crop=True,
+                                 image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
+    return CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE}, crop_size=size)
+
+
+def save_tiny(kind: str, dest: Path, seed: int = 0) -> Path:
+    """Write a tiny random model of `kind` with a working processor to `dest` (for CLI tests and smoke runs)."""
+    import transformers as tf
+
+    dest.mkdir(parents=True, exist_ok=True)
+    if kind == "clip":
+        tokenizer = _clip_tokenizer(dest)
+        model = tiny_model(kind, seed, vocab_size=len(tokenizer))
+        proc = tf.CLIPProcessor(image_processor=_image_processor(kind), tokenizer=tokenizer)
+    elif kind == "llava":
+        tokenizer = _bpe_tokenizer(["<image>"])
+        model = tiny_model(kind, seed, vocab_size=len(tokenizer))
+        model.config.image_token_index = tokenizer.convert_tokens_to_ids("<image>")
+        proc = tf.LlavaProcessor(image_processor=_image_processor(kind), tokenizer=tokenizer, patch_size=8,
+                                 vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                                 chat_template=None)
+    elif kind == "dual_dinov2":
+        tokenizer = _bpe_tokenizer([])
+        model = tiny_model(kind, seed, vocab_size=len(tokenizer))
+        proc = tf.VisionTextDualEncoderProcessor(image_processor=_image_processor(kind), tokenizer=tokenizer)
+    else:
+        model, proc = tiny_model(kind, seed), _image_processor(kind)
+    model.save_pretrained(dest)
+    proc.save_pretrained(dest)
+    return dest
+
+
+def write_toy_images(dest: Path, labels: tuple[str, ...] = ("red", "blue"), per_class: int = 4, size: int = 40,
+                     vqa: bool = False, seed: int = 0) -> Path:
+    """Noisy colour patches per label, as class folders (or a VQA manifest.jsonl when `vqa`)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    palette = [(200, 40, 40), (40, 40, 200), (40, 180, 40), (200, 200, 40), (160, 40, 160)]
+    rows = []
+    for li, label in enumerate(labels):
+        folder = dest / ("images" if vqa else label)
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            noise = rng.integers(-50, 50, (size, size, 3))
+            pixels = (np.array(palette[li % len(palette)])[None, None] + noise).clip(0, 255).astype("uint8")
+            path = folder / f"{label}_{i}.png"
+            Image.fromarray(pixels).save(path)
+            rows.append({"image": f"images/{path.name}", "question": "What color is this?", "answer": label})
+    if vqa:
+        (dest / "manifest.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return dest

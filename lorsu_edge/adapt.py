@@ -1,0 +1,246 @@
+"""The adapt recipe, readable top to bottom:
+plan -> load -> samples -> score -> select -> inject -> train -> merge -> guard -> write session.
+
+Crash safety: everything is written into a partial session directory that is committed (renamed) only at
+the end, and the current pointer moves only for an accepted session, so a crash, SIGTERM or full disk at
+any point leaves the previous current model in place.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import signal
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lorsu_edge import __version__
+from lorsu_edge.adapter import save_adapter
+from lorsu_edge.config import MethodConfig
+from lorsu_edge.errors import BadInputError
+from lorsu_edge.inject import freeze, inject, select_targets
+from lorsu_edge.load import Loaded, apply_encoder, load_model
+from lorsu_edge.losses import Batch, check_loss, default_loss, make_objective
+from lorsu_edge.merge import encoder_state_dict, tensors_hash, unload
+from lorsu_edge.samples import Sample, SampleSet, read_samples
+from lorsu_edge.score import candidate_paths, compute_importance
+from lorsu_edge.session import ENCODER_FILE, REPORT_FILE, SAMPLES_FILE, Workdir, graceful_sigterm
+from lorsu_edge.train import TrainConfig, autocast_factory, resolve_precision, train
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class AdaptOptions:
+    """Everything `lorsu-edge adapt` can be told (CLI flags map 1:1 onto these fields)."""
+
+    data: Path
+    workdir: Path = Path("lorsu-runs")
+    model: str | None = None
+    loss: str | None = None
+    quantize: str = "auto"
+    device: str = "auto"
+    method: MethodConfig = field(default_factory=MethodConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    min_new_samples: int = 1
+    save_full: Path | None = None
+    show_progress: bool = True
+
+
+@dataclass
+class AdaptResult:
+    status: str  # "accepted", "rejected" or "nothing-new"
+    session: str | None
+    report: dict[str, Any]
+    message: str = ""
+
+
+def fault_point(phase: str) -> None:
+    """Test hook: LORSU_EDGE_FAULT=<phase> kills the process here (SIGKILL: no cleanup runs)."""
+    if os.environ.get("LORSU_EDGE_FAULT") == phase:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_base_model(opts: AdaptOptions, remembered: str | None) -> str:
+    """--model, else what the workdir remembers, else the embedded default (built once, offline)."""
+    if opts.model and remembered and opts.model != remembered:
+        raise BadInputError(f"workdir {opts.workdir} adapts {remembered}, not {opts.model}",
+                            hint="use another --workdir for another base model, or drop --model")
+    if opts.model or remembered:
+        return opts.model or remembered
+    from lorsu_edge.zoo.dual import build_default_dual
+
+    log.info("no --model given: using the embedded default dual encoder (built once, offline)")
+    return str(build_default_dual())
+
+
+def new_samples(samples: SampleSet, seen: set[str]) -> list[Sample]:
+    return [s for s in samples.samples if s.sha256 not in seen]
+
+
+def micro_batches(objective, samples: list[Sample], size: int) -> Iterator[tuple[Batch, int]]:
+    for i in range(0, len(samples), size):
+        batch = objective.make_batch(samples[i:i + size])
+        yield batch, batch.size
+
+
+def step_plan(samples: list[Sample], cfg: TrainConfig) -> tuple[int, int]:
+    """(steps per epoch, total steps): the last short batch of an epoch still counts as a step."""
+    per_epoch = math.ceil(len(samples) / cfg.batch_size)
+    return per_epoch, per_epoch * cfg.epochs
+
+
+def training_steps(objective, samples: list[Sample], cfg: TrainConfig) -> Iterator[list[Batch]]:
+    """Per step: the micro-batches of one shuffled effective batch (seeded, so runs are repeatable)."""
+    gen = torch.Generator().manual_seed(cfg.seed)
+    micro = cfg.micro_batch or cfg.batch_size
+    for _ in range(cfg.epochs):
+        order = torch.randperm(len(samples), generator=gen).tolist()
+        for i in range(0, len(order), cfg.batch_size):
+            chunk = [samples[j] for j in order[i:i + cfg.batch_size]]
+            yield [objective.make_batch(chunk[k:k + micro]) for k in range(0, len(chunk), micro)]
+
+
+def score_and_inject(loaded: Loaded, objective, samples: list[Sample], opts: AdaptOptions,
+                     autocast) -> tuple[list, dict[str, int]]:
+    """Importance on this session's data, selection, injection, freezing. Returns (targets, counts)."""
+    model, spec, mcfg = loaded.model, loaded.spec, opts.method
+    grads = None
+    if mcfg.needs_importance:
+        paths = candidate_paths(spec, fc1=mcfg.uses_fc1, attn=mcfg.method == "lorsu")
+        scored = samples[: mcfg.importance_samples]
+        batches = micro_batches(objective, scored, opts.train.micro_batch or opts.train.batch_size)
+        grads, _ = compute_importance(model, paths, batches, objective, len(scored), autocast)
+        fault_point("importance")
+    torch.manual_seed(opts.train.seed)  # LoRA init is part of the seeded run
+    targets = select_targets(spec, mcfg, grads)
+    del grads
+    inject(model, targets, mcfg)
+    return targets, freeze(model, spec, mcfg)
+
+
+def target_meta(targets: list) -> dict[str, dict]:
+    return {t.path: {"block": t.block, "heads": t.heads} for t in targets}
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+class _Progress:
+    """A tqdm bar with loss and samples/s (stderr; silent when disabled)."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, desc="train", unit="step", disable=not enabled, leave=False)
+
+    def __call__(self, step: int, loss: float, samples_per_s: float) -> None:
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{loss:.4f}", samples_s=f"{samples_per_s:.1f}")
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def run_session(opts: AdaptOptions, loaded: Loaded, samples: list[Sample], partial: Path,
+                device: torch.device, loss: str) -> dict[str, Any]:
+    """Score, select, inject, train and merge on `samples`; write adapter + encoder into `partial`."""
+    model, spec = loaded.model, loaded.spec
+    precision = resolve_precision(opts.train.precision, device)
+    autocast = autocast_factory(precision, device)
+    objective = make_objective(loss, model, spec, loaded.processor, seed=opts.train.seed)
+    base_hash = tensors_hash(encoder_state_dict(model, spec))
+    targets, counts = score_and_inject(loaded, objective, samples, opts, autocast)
+    _, n_steps = step_plan(samples, opts.train)
+    bar = _Progress(n_steps, opts.show_progress)
+    try:
+        result = train(model, lambda: training_steps(objective, samples, opts.train), n_steps, objective,
+                       opts.train, device, bar)
+    finally:
+        bar.close()
+    fault_point("train")
+    meta = {"base_model": loaded.source, "base_encoder_sha256": base_hash, "lorsu_edge": __version__,
+            "blocks_used": spec.used_blocks, "blocks_total": len(spec.blocks)}
+    save_adapter(partial, model, spec, opts.method, meta, target_meta(targets))
+    unload(model)
+    fault_point("merge")
+    encoder = encoder_state_dict(model, spec)
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in encoder.items()}, str(partial / ENCODER_FILE))
+    return {
+        "method": opts.method.method, "loss": loss, "precision": result.precision,
+        "base_encoder_sha256": base_hash, "encoder_sha256": tensors_hash(encoder),
+        **counts, "steps": result.steps, "loss_first": result.loss_first, "loss_last": result.loss_last,
+        "losses": result.losses, "train_seconds": result.seconds,
+    }
+
+
+def write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
+
+
+def adapt(opts: AdaptOptions) -> AdaptResult:
+    """Run one adaptation session on `opts.data` in `opts.workdir` (see module docstring)."""
+    start = time.perf_counter()
+    wd = Workdir.open(opts.workdir, create=True)
+    with wd.lock(), graceful_sigterm():
+        base = resolve_base_model(opts, wd.settings().get("base_model"))
+        sample_set = read_samples(opts.data)
+        fresh = new_samples(sample_set, wd.seen_hashes())
+        if len(fresh) < opts.min_new_samples:
+            msg = f"{len(fresh)} new samples in {opts.data} (need {opts.min_new_samples}): nothing to do"
+            wd.log_run({"status": "nothing-new", "data": str(opts.data), "new_samples": len(fresh)})
+            return AdaptResult("nothing-new", wd.current(), {"new_samples": len(fresh)}, msg)
+        device = pick_device(opts.device)
+        resolve_precision(opts.train.precision, device)  # refuse a bad combination before loading
+        loaded = load_model(base, opts.quantize, device=str(device))
+        fault_point("load")
+        loss = opts.loss or default_loss(loaded.role)
+        check_loss(loss, loaded.role, has_text_model=False)
+        current = wd.current()
+        if current:  # chaining: start from the accepted encoder (base + all accepted sessions, merged)
+            apply_encoder(loaded, wd.session_dir(current) / ENCODER_FILE)
+        if not wd.settings().get("base_model"):
+            wd.update_settings(base_model=base)
+        with wd.staged_session() as partial:
+            body = run_session(opts, loaded, fresh, partial, device, loss)
+            report = {
+                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "model": base,
+                "data": str(opts.data), "parent_session": current, "samples_used": len(fresh),
+                "samples_skipped": len(sample_set.skipped),
+                "skipped": [[str(p), r] for p, r in sample_set.skipped],
+                "encoder_params": body.pop("encoder_params"), "method_config": opts.method.to_dict(),
+                "train_config": vars(opts.train), "quantize": loaded.quantize, "notes": loaded.notes,
+                "device": str(device), "lorsu_edge": __version__, **body,
+                "seconds": round(time.perf_counter() - start, 3), "peak_memory_bytes": peak_memory_bytes(device),
+            }
+            write_json(partial / REPORT_FILE, report)
+            write_json(partial / SAMPLES_FILE, sorted(s.sha256 for s in fresh))
+            fault_point("write")
+            session = wd.commit_session(partial, accepted=True, reason="")
+        if opts.save_full:
+            loaded.model.save_pretrained(opts.save_full)
+            loaded.processor.save_pretrained(opts.save_full)
+        wd.log_run({"status": "accepted", "session": session, "data": str(opts.data),
+                    "new_samples": len(fresh), "seconds": report["seconds"]})
+        return AdaptResult("accepted", session, report, f"session {session} accepted")

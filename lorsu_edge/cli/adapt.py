@@ -1,0 +1,78 @@
+"""`lorsu-edge adapt`: one few-shot session on a folder of new samples."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from lorsu_edge.cli.errors import handle_errors
+from lorsu_edge.config import MethodConfig, field_help
+from lorsu_edge.errors import BadInputError
+from lorsu_edge.train import TrainConfig
+
+
+def _m(name: str) -> str:
+    return field_help(MethodConfig, name)
+
+
+def _t(name: str) -> str:
+    return field_help(TrainConfig, name)
+
+
+@handle_errors
+def command(
+    data: Annotated[Path, typer.Option("--data", help="folder with manifest.jsonl or <label>/ image subfolders")],
+    workdir: Annotated[Path, typer.Option(help="where sessions, history and the current model live")] = Path("lorsu-runs"),
+    model: Annotated[str | None, typer.Option(help="base model folder or hub id (default: the workdir's, "
+                                                  "else the embedded default)")] = None,
+    loss: Annotated[str | None, typer.Option(help="clip | ppl (default: clip for dual encoders, ppl for VLMs)")] = None,
+    quantize: Annotated[str, typer.Option(help="LLM quantization: auto | 4bit | 8bit | none")] = "auto",
+    method: Annotated[str, typer.Option(help=_m("method"))] = "lorsu",
+    sparsity: Annotated[float, typer.Option(help=_m("sparsity"))] = 0.1,
+    top_k_heads: Annotated[int, typer.Option(help=_m("top_k_heads"))] = 2,
+    rank: Annotated[int, typer.Option(help=_m("rank"))] = 64,
+    alpha: Annotated[float, typer.Option(help=_m("alpha"))] = 64.0,
+    importance_samples: Annotated[int, typer.Option(help=_m("importance_samples"))] = 1000,
+    epochs: Annotated[int, typer.Option(help=_t("epochs"))] = 5,
+    batch_size: Annotated[int, typer.Option(help=_t("batch_size"))] = 16,
+    lr: Annotated[float, typer.Option(help=_t("lr"))] = 1e-5,
+    weight_decay: Annotated[float, typer.Option(help=_t("weight_decay"))] = 0.01,
+    warmup_ratio: Annotated[float, typer.Option(help=_t("warmup_ratio"))] = 0.1,
+    max_grad_norm: Annotated[float, typer.Option(help=_t("max_grad_norm"))] = 1.0,
+    precision: Annotated[str, typer.Option(help=_t("precision"))] = "auto",
+    seed: Annotated[int, typer.Option(help=_t("seed"))] = 0,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
+    min_new_samples: Annotated[int, typer.Option(help="do nothing (exit 0) with fewer new samples than this")] = 1,
+    save_full: Annotated[Path | None, typer.Option(help="also write a complete model folder here "
+                                                        "(loads with the family's from_pretrained)")] = None,
+    json_line: Annotated[bool, typer.Option("--json", help="print the result as one JSON line")] = False,
+    progress: Annotated[bool, typer.Option(help="show progress bars")] = True,
+) -> None:
+    """Adapt the image encoder to the new samples in --data (LoRSU by default) and record a session."""
+    from lorsu_edge.adapt import AdaptOptions, adapt
+
+    try:
+        opts = AdaptOptions(
+            data=data, workdir=workdir, model=model, loss=loss, quantize=quantize, device=device,
+            method=MethodConfig(method, sparsity, top_k_heads, rank, alpha, importance_samples),
+            train=TrainConfig(epochs, batch_size, None, lr, weight_decay, warmup_ratio, max_grad_norm,
+                              precision, seed),
+            min_new_samples=min_new_samples, save_full=save_full, show_progress=progress,
+        )
+    except ValueError as e:
+        raise BadInputError(str(e), hint="see lorsu-edge adapt --help") from None
+    result = adapt(opts)
+    if json_line:
+        typer.echo(json.dumps({"status": result.status, "session": result.session,
+                               **{k: result.report.get(k) for k in ("trainable_params", "loss_first", "loss_last",
+                                                                      "seconds", "peak_memory_bytes")}}))
+    else:
+        typer.echo(result.message)
+        if result.status != "nothing-new":
+            r = result.report
+            typer.echo(f"  method {r['method']} / loss {r['loss']}: {r['trainable_params']:,} trainable of "
+                       f"{r['encoder_params']:,} encoder params; loss {r['loss_first']:.4f} -> {r['loss_last']:.4f} "
+                       f"in {r['steps']} steps; {r['seconds']:.1f} s; peak {r['peak_memory_bytes'] / 2**20:.0f} MiB")

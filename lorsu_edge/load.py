@@ -1,0 +1,210 @@
+"""Load a VLM or dual encoder (local folder or hub id), its processor, and resolve its image encoder.
+
+The language model of a VLM may be quantized with bitsandbytes; the vision tower and the projector never
+are, and stay fp32 so that their trained deltas are not rounded away. Loading checks that every encoder
+tensor came from the checkpoint: a transformers-5.x checkpoint read by 4.57 silently re-initialises the
+tower, and exporting or adapting random weights must never happen unnoticed.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lorsu_edge.errors import BadInputError, UnsupportedModelError
+from lorsu_edge.families import EncoderSpec, find_encoder
+
+log = logging.getLogger(__name__)
+
+QUANTIZE = ("auto", "4bit", "8bit", "none")
+DUAL_TYPES = ("clip", "siglip", "vision-text-dual-encoder", "blip")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# Both spellings: transformers 5.x no longer matches "vision_tower" as a substring of the full name.
+NEVER_QUANTIZE = ["vision_tower", "model.vision_tower", "multi_modal_projector",
+                  "model.multi_modal_projector", "lm_head"]
+
+
+@dataclass
+class Loaded:
+    """A loaded model with its processor and resolved encoder."""
+
+    model: nn.Module
+    processor: Any
+    spec: EncoderSpec
+    source: str
+    path: Path
+    quantize: str = "none"
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def role(self) -> str:
+        return self.spec.role
+
+
+def resolve_source(source: str) -> Path:
+    """A local model folder, or a hub id downloaded to the local cache (clear error when offline)."""
+    path = Path(source).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise BadInputError(f"{path} has no config.json", hint="pass a folder written by save_pretrained")
+        return path
+    if not HUB_ID.match(source):
+        raise BadInputError(f"model folder not found: {source}", hint="pass a local model folder or a hub id like org/name")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(source, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]))
+    except Exception as e:  # offline, unknown repo, gated, ...
+        raise BadInputError(
+            f"cannot fetch {source!r} from the Hugging Face hub ({type(e).__name__})",
+            hint="offline? download it elsewhere, copy the folder here and pass --model /path/to/folder",
+        ) from None
+
+
+def read_config(path: Path):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path, local_files_only=True)
+    except (ValueError, OSError, KeyError) as e:
+        raise BadInputError(f"cannot read the model config in {path}: {str(e).splitlines()[0]}",
+                            hint="is this a transformers model folder?") from None
+
+
+def bitsandbytes_status() -> str | None:
+    """None if 4-bit kernels work here; otherwise why not (Jetson wheels import, then fail on first use)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import bitsandbytes as bnb
+        layer = bnb.nn.Linear4bit(8, 8, bias=False, quant_type="nf4")
+        layer.weight = bnb.nn.Params4bit(torch.randn(8, 8), requires_grad=False, quant_type="nf4")
+        layer = layer.to("cuda" if torch.cuda.is_available() else "cpu")
+        layer.support_avx512bf16_for_cpu = False  # see disable_cpu_repacking
+        layer(torch.randn(2, 8, device=layer.weight.device))
+        return None
+    except Exception as e:  # ImportError, CUDA setup errors, missing kernels
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+
+def disable_cpu_repacking(model: nn.Module) -> int:
+    """Work around the AVX512-BF16 trap: an eval forward repacks 4-bit weights for a kernel without
+    autograd, after which gradients through them are silently wrong. Returns how many layers were fixed."""
+    n = 0
+    for m in model.modules():
+        if hasattr(m, "support_avx512bf16_for_cpu"):
+            m.support_avx512bf16_for_cpu = False
+            n += 1
+    return n
+
+
+def _quantization(quantize: str, notes: list[str]):
+    if quantize == "none":
+        return None, "none"
+    problem = bitsandbytes_status()
+    if problem:
+        if quantize != "auto":
+            notes.append(f"bitsandbytes is unusable here ({problem}); loading the language model unquantized")
+            log.warning(notes[-1])
+        return None, "none"
+    from transformers import BitsAndBytesConfig
+
+    if quantize == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=NEVER_QUANTIZE), "8bit"
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
+                              llm_int8_skip_modules=NEVER_QUANTIZE), "4bit"
+
+
+def _model_class(config):
+    import transformers as tf
+
+    if config.model_type == "llava":
+        return tf.LlavaForConditionalGeneration
+    if config.model_type == "vision-text-dual-encoder":
+        return tf.VisionTextDualEncoderModel
+    return tf.AutoModel
+
+
+def _check_complete(info: dict, spec: EncoderSpec, source: str) -> None:
+    prefix = spec.param_prefix
+    missing = [k for k in info.get("missing_keys", []) if k.startswith(prefix) or not prefix]
+    if missing:
+        raise BadInputError(
+            f"{len(missing)} image-encoder tensors of {source} were not in the checkpoint (e.g. {missing[0]}); "
+            "they would be random",
+            hint="the checkpoint may come from another transformers version; re-save it with this one",
+        )
+
+
+def load_model(source: str, quantize: str = "auto", device: str = "cpu") -> Loaded:
+    """Load `source` for adaptation: encoder + projector fp32, LLM quantized (`quantize`) or bf16."""
+    if quantize not in QUANTIZE:
+        raise BadInputError(f"--quantize must be one of {', '.join(QUANTIZE)}, got {quantize!r}")
+    path = resolve_source(source)
+    config = read_config(path)
+    if config.model_type not in ("llava",) + DUAL_TYPES and not hasattr(config, "num_attention_heads"):
+        raise UnsupportedModelError(f"unsupported model type {config.model_type!r} in {path}",
+                                    hint="lorsu-edge adapts LLaVA-style VLMs, dual encoders and ViT-style encoders")
+    notes: list[str] = []
+    kwargs: dict[str, Any] = {"local_files_only": True, "output_loading_info": True}
+    quant_used = "none"
+    if config.model_type == "llava":
+        qcfg, quant_used = _quantization(quantize, notes)
+        lm_dtype = torch.float32 if device == "cpu" and qcfg is None and _small(config) else torch.bfloat16
+        kwargs["dtype"] = {"text_config": lm_dtype, "vision_config": torch.float32, "": torch.float32}
+        if qcfg is not None:
+            kwargs.update(quantization_config=qcfg, device_map=device)
+    else:
+        kwargs["dtype"] = torch.float32
+    try:
+        model, info = _model_class(config).from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as e:
+        raise BadInputError(f"cannot load the weights in {path}: {str(e).splitlines()[0]}",
+                            hint="check that the folder holds the model's safetensors files") from None
+    if quant_used == "4bit":
+        disable_cpu_repacking(model)
+    model.to(device).eval()
+    spec = find_encoder(model)
+    _check_complete(info, spec, source)
+    return Loaded(model, load_processor(path), spec, source, path, quant_used, notes)
+
+
+def _small(config) -> bool:
+    """Tiny test LLMs stay fp32 on CPU so tests compare exactly; real ones use bf16."""
+    text = getattr(config, "text_config", None)
+    return text is not None and getattr(text, "hidden_size", 0) <= 256
+
+
+def load_processor(path: Path):
+    """The model's own processor (PIL-based: torchvision is not needed), or its image processor alone."""
+    from transformers import AutoImageProcessor, AutoProcessor
+
+    try:
+        return AutoProcessor.from_pretrained(path, local_files_only=True, use_fast=False)
+    except (OSError, ValueError, TypeError, KeyError):
+        try:
+            return AutoImageProcessor.from_pretrained(path, local_files_only=True, use_fast=False)
+        except (OSError, ValueError, TypeError, KeyError):
+            raise BadInputError(f"no processor in {path}", hint="save the model's processor next to it "
+                                "(processor.save_pretrained)") from None
+
+
+def apply_encoder(loaded: Loaded, encoder_file: Path) -> None:
+    """Load a session's merged encoder tensors (names as in the base state dict) into the model."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(encoder_file))
+    result = loaded.model.load_state_dict(tensors, strict=False)
+    expected = {k for k in loaded.model.state_dict() if k.startswith(loaded.spec.param_prefix)}
+    missing = expected - set(tensors)
+    if result.unexpected_keys or missing:
+        bad = (result.unexpected_keys or sorted(missing))[0]
+        raise BadInputError(f"{encoder_file} does not match this model's encoder (e.g. {bad})",
+                            hint="the session belongs to another base model")

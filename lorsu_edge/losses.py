@@ -1,0 +1,160 @@
+"""Losses: CLIP/SigLIP contrastive (dual encoders) and perplexity on answer tokens (VLMs).
+
+Each objective turns a list of samples into a model batch and a batch into a scalar mean loss; the
+importance pass and the training loop share it, as the method requires.
+"""
+
+from __future__ import annotations
+
+import inspect
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lorsu_edge.consumer import image_features
+from lorsu_edge.errors import BadInputError
+from lorsu_edge.families import EncoderSpec
+from lorsu_edge.samples import Sample, load_image
+
+LOSSES = ("clip", "ppl")
+DEFAULT_TEMPLATES = ('a photo of a "{label}".', "a photo of a {label}.", "an image of {label}.", "{label}")
+LABEL_QUESTION = "What is in the image? Answer in a few words."
+IGNORE = -100
+
+
+@dataclass
+class Batch:
+    inputs: dict[str, torch.Tensor]
+    size: int
+    groups: torch.Tensor | None = None  # samples sharing a caption are positives of each other
+
+
+def default_loss(role: str) -> str:
+    return "ppl" if role == "vlm" else "clip"
+
+
+def check_loss(loss: str, role: str, has_text_model: bool) -> None:
+    if loss not in LOSSES:
+        raise BadInputError(f"--loss must be one of {', '.join(LOSSES)}, got {loss!r}")
+    if loss == "ppl" and role != "vlm":
+        raise BadInputError("--loss ppl needs a VLM (a language model to score answers)",
+                            hint="use --loss clip for dual encoders")
+    if loss == "clip" and role == "vlm" and not has_text_model:
+        raise BadInputError("--loss clip on a VLM needs the matching dual encoder's text tower",
+                            hint="pass --text-model DIR (e.g. the CLIP the VLM's tower came from), or use --loss ppl")
+    if loss == "clip" and role == "encoder":
+        raise BadInputError("--loss clip needs a text tower; this model is a bare image encoder",
+                            hint="load a dual encoder (CLIPModel, SiglipModel, VisionTextDualEncoderModel)")
+
+
+def _images(processor: Any, samples: list[Sample]) -> torch.Tensor:
+    image_processor = getattr(processor, "image_processor", processor)
+    return image_processor([load_image(s.path) for s in samples], return_tensors="pt")["pixel_values"]
+
+
+class ContrastiveObjective:
+    """CLIP's symmetric contrastive loss (SigLIP: sigmoid loss), positives = samples with the same caption group.
+
+    Few-shot batches hold several images of one class; plain CLIP loss would push them apart as
+    negatives, so same-label (or same-statement) pairs share the target mass instead.
+    """
+
+    def __init__(self, model: nn.Module, spec: EncoderSpec, processor: Any,
+                 templates: tuple[str, ...] = DEFAULT_TEMPLATES, seed: int = 0) -> None:
+        self.model, self.spec, self.processor = model, spec, processor
+        self.templates = templates
+        self.rng = random.Random(seed)
+        self.sigmoid = hasattr(model, "logit_bias")
+        self._text_cache: dict[str, torch.Tensor] = {}
+        # CLIP's get_text_features takes no token_type_ids; BERT-based dual encoders do.
+        self._text_keys = set(inspect.signature(model.get_text_features).parameters)
+
+    def caption(self, s: Sample) -> tuple[str, str]:
+        """(caption, group key): a random label template, or the VQA statement."""
+        if s.is_vqa:
+            text = f"{s.question} The answer is {s.answer}."
+            return text, text
+        return self.rng.choice(self.templates).format(label=s.label), f"label:{s.label}"
+
+    def make_batch(self, samples: list[Sample]) -> Batch:
+        captions, keys = zip(*(self.caption(s) for s in samples))
+        group_ids = {k: i for i, k in enumerate(dict.fromkeys(keys))}
+        return Batch({"pixel_values": _images(self.processor, samples), "captions": list(captions)},
+                     len(samples), torch.tensor([group_ids[k] for k in keys]))
+
+    @torch.no_grad()
+    def text_features(self, captions: list[str]) -> torch.Tensor:
+        """Frozen text tower: each caption is embedded once per session."""
+        todo = [c for c in dict.fromkeys(captions) if c not in self._text_cache]
+        if todo:
+            tok = self.processor.tokenizer(todo, padding="max_length" if self.sigmoid else True, truncation=True,
+                                           max_length=64, return_tensors="pt")
+            feats = self.model.get_text_features(**{k: v for k, v in tok.items() if k in self._text_keys})
+            self._text_cache.update({c: f.float() for c, f in zip(todo, feats)})
+        return torch.stack([self._text_cache[c] for c in captions])
+
+    def __call__(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        img = F.normalize(image_features(model, self.spec, batch.inputs["pixel_values"]).float(), dim=-1)
+        txt = F.normalize(self.text_features(batch.inputs["captions"]), dim=-1)
+        logits = img @ txt.t() * self.model.logit_scale.exp().float()
+        pos = (batch.groups[:, None] == batch.groups[None, :]).float()
+        if self.sigmoid:
+            logits = logits + self.model.logit_bias.float()
+            return -F.logsigmoid((2 * pos - 1) * logits).sum() / batch.size
+        target = pos / pos.sum(dim=1, keepdim=True)
+        loss_img = -(target * logits.log_softmax(dim=1)).sum(dim=1).mean()
+        loss_txt = -(target * logits.t().log_softmax(dim=1)).sum(dim=1).mean()
+        return (loss_img + loss_txt) / 2
+
+
+def vqa_prompt(processor: Any, question: str) -> str:
+    """The model's chat template if it has one, else LLaVA-1.5's `USER: <image>\\n... ASSISTANT:`."""
+    if getattr(processor, "chat_template", None):
+        conv = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+        return processor.apply_chat_template(conv, add_generation_prompt=True)
+    image_token = getattr(processor, "image_token", "<image>")
+    return f"USER: {image_token}\n{question} ASSISTANT:"
+
+
+class PerplexityObjective:
+    """The VLM's next-token loss on the answer tokens only (prompt, image and padding are masked)."""
+
+    def __init__(self, model: nn.Module, spec: EncoderSpec, processor: Any,
+                 label_question: str = LABEL_QUESTION) -> None:
+        self.model, self.spec, self.processor = model, spec, processor
+        self.label_question = label_question
+
+    def qa(self, s: Sample) -> tuple[str, str]:
+        return (s.question, s.answer) if s.is_vqa else (self.label_question, str(s.label))
+
+    def make_batch(self, samples: list[Sample]) -> Batch:
+        tok = self.processor.tokenizer
+        images = [load_image(s.path) for s in samples]
+        prompts, fulls = [], []
+        for q, a in map(self.qa, samples):
+            prompts.append(vqa_prompt(self.processor, q))
+            fulls.append(f"{prompts[-1]} {a}{tok.eos_token or ''}")
+        tok.padding_side = "right"
+        enc = self.processor(images=images, text=fulls, padding=True, return_tensors="pt")
+        prompt_lens = [len(self.processor(images=[im], text=[p], return_tensors="pt")["input_ids"][0])
+                       for im, p in zip(images, prompts)]
+        labels = enc["input_ids"].clone()
+        labels[enc["attention_mask"] == 0] = IGNORE
+        for i, n in enumerate(prompt_lens):
+            labels[i, :n] = IGNORE
+        enc.pop("token_type_ids", None)
+        return Batch({**enc, "labels": labels}, len(samples))
+
+    def __call__(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        return model(**batch.inputs).loss
+
+
+def make_objective(loss: str, model: nn.Module, spec: EncoderSpec, processor: Any, seed: int = 0,
+                   templates: tuple[str, ...] | None = None):
+    if loss == "ppl":
+        return PerplexityObjective(model, spec, processor)
+    return ContrastiveObjective(model, spec, processor, templates or DEFAULT_TEMPLATES, seed)

@@ -1,0 +1,187 @@
+"""`lorsu-edge adapt` end to end on tiny models, and every bad input's own error."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from lorsu_edge.cli.main import app
+from lorsu_edge.load import bitsandbytes_status
+from lorsu_edge.tiny import save_tiny, write_toy_images
+
+runner = CliRunner()
+SESSION_FILES = {"adapter.safetensors", "adapter.json", "encoder.safetensors", "report.json"}
+FAST = ["--rank", "4", "--alpha", "8", "--batch-size", "4", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory):
+    return save_tiny("clip", tmp_path_factory.mktemp("clip"))
+
+
+@pytest.fixture(scope="module")
+def llava_dir(tmp_path_factory):
+    return save_tiny("llava", tmp_path_factory.mktemp("llava"))
+
+
+def _adapt(*args):
+    result = runner.invoke(app, ["adapt", *args])
+    assert "Traceback" not in result.output
+    return result
+
+
+def _session(workdir, sid="0001"):
+    return workdir / "sessions" / sid
+
+
+def _untouched_outside_encoder(base_dir, session_dir, prefix):
+    """Base checkpoint tensors by in-memory name (4.57 saves LLaVA as `vision_tower.*`, loads as `model.vision_tower.*`)."""
+    base = load_file(str(base_dir / "model.safetensors"))
+    if prefix.startswith("model."):
+        base = {("model." + k if not k.startswith(("model.", "lm_head")) else k): v for k, v in base.items()}
+    encoder = load_file(str(session_dir / "encoder.safetensors"))
+    assert encoder and all(k.startswith(prefix) for k in encoder)
+    return base, encoder
+
+
+def _check_report_matches_adapter(session_dir):
+    report = json.loads((session_dir / "report.json").read_text())
+    adapter = load_file(str(session_dir / "adapter.safetensors"))
+    stored = sum(t.numel() for k, t in adapter.items() if not k.endswith((".indices", ".rows")))
+    assert report["trainable_params"] == stored
+    for key in ("method", "loss", "model", "samples_used", "samples_skipped", "encoder_params", "trainable_params",
+                "steps", "loss_first", "loss_last", "seconds", "peak_memory_bytes"):
+        assert key in report
+    return report
+
+
+def test_adapt_tiny_clip_overfits_and_touches_only_the_image_tower(tmp_path, clip_dir):
+    data = write_toy_images(tmp_path / "data")
+    wd = tmp_path / "runs"
+    full = tmp_path / "full"
+    r = _adapt("--data", str(data), "--workdir", str(wd), "--model", str(clip_dir), "--epochs", "10",
+               "--lr", "3e-2", "--save-full", str(full), *FAST)
+    assert r.exit_code == 0, r.output
+    session = _session(wd)
+    assert SESSION_FILES <= {p.name for p in session.iterdir()}
+    report = _check_report_matches_adapter(session)
+    assert report["loss"] == "clip" and report["samples_used"] == 8
+    assert report["loss_last"] < report["loss_first"]
+    base, encoder = _untouched_outside_encoder(clip_dir, session, "vision_model.")
+    merged = load_file(str(full / "model.safetensors"))
+    for k, v in base.items():  # text tower, projections, logit scale: bit-identical
+        if not k.startswith("vision_model."):
+            assert torch.equal(merged[k], v), k
+    assert any(not torch.equal(encoder[k], base[k]) for k in encoder)
+    assert all(torch.equal(encoder[k], merged[k]) for k in encoder)
+
+
+@pytest.mark.skipif(bitsandbytes_status() is not None, reason="bitsandbytes unusable here")
+def test_adapt_tiny_llava_ppl_through_4bit_llm(tmp_path, llava_dir):
+    data = write_toy_images(tmp_path / "vqa", vqa=True)
+    wd = tmp_path / "runs"
+    r = _adapt("--data", str(data), "--workdir", str(wd), "--model", str(llava_dir), "--quantize", "4bit",
+               "--epochs", "6", "--lr", "3e-2", *FAST)
+    assert r.exit_code == 0, r.output
+    session = _session(wd)
+    report = _check_report_matches_adapter(session)
+    assert report["loss"] == "ppl" and report["quantize"] == "4bit"
+    assert report["loss_last"] < report["loss_first"]
+    base, encoder = _untouched_outside_encoder(llava_dir, session, "model.vision_tower.")
+    last_block = "model.vision_tower.vision_model.encoder.layers.2."  # unused: vision_feature_layer = -2
+    assert all(torch.equal(encoder[k], base[k]) for k in encoder if k.startswith(last_block))
+    assert any(not torch.equal(encoder[k], base[k]) for k in encoder)
+    adapter = json.loads((session / "adapter.json").read_text())
+    assert adapter["blocks_used"] == 2 and all(".layers.2." not in m for m in adapter["modules"])
+
+
+def test_second_run_needs_no_model_and_chains(tmp_path, clip_dir):
+    data1 = write_toy_images(tmp_path / "d1", seed=1)
+    data2 = write_toy_images(tmp_path / "d2", seed=2)
+    wd = tmp_path / "runs"
+    assert _adapt("--data", str(data1), "--workdir", str(wd), "--model", str(clip_dir), "--epochs", "1",
+                  "--lr", "1e-2", *FAST).exit_code == 0
+    r = _adapt("--data", str(data2), "--workdir", str(wd), "--epochs", "1", "--lr", "1e-2", *FAST)
+    assert r.exit_code == 0, r.output
+    first = load_file(str(_session(wd, "0001") / "encoder.safetensors"))
+    second = json.loads((_session(wd, "0002") / "adapter.json").read_text())
+    from lorsu_edge.merge import tensors_hash
+    assert second["base_encoder_sha256"] == tensors_hash(first)  # started from session 1's merged encoder
+    again = _adapt("--data", str(data2), "--workdir", str(wd), *FAST)
+    assert again.exit_code == 0 and "nothing to do" in again.output
+
+
+def _bad(tmp_path, clip_dir, *extra, data=None):
+    data = data or write_toy_images(tmp_path / "ok")
+    return _adapt("--data", str(data), "--workdir", str(tmp_path / "runs"), "--model", str(clip_dir), *FAST, *extra)
+
+
+def test_missing_data_dir(tmp_path, clip_dir):
+    r = _bad(tmp_path, clip_dir, data=tmp_path / "nope")
+    assert r.exit_code == 3 and "nope" in r.output and "hint:" in r.output
+
+
+def test_malformed_manifest_names_file_and_line(tmp_path, clip_dir):
+    data = write_toy_images(tmp_path / "vqa", vqa=True)
+    lines = (data / "manifest.jsonl").read_text().splitlines()
+    lines[2] = '{"image": "images/x.png", "question": '
+    (data / "manifest.jsonl").write_text("\n".join(lines))
+    r = _bad(tmp_path, clip_dir, data=data)
+    assert r.exit_code == 3 and "manifest.jsonl" in r.output and "line 3" in r.output
+
+
+def test_missing_field_names_the_field(tmp_path, clip_dir):
+    data = tmp_path / "m"
+    data.mkdir()
+    (data / "manifest.jsonl").write_text('{"image": "a.png", "question": "q?"}\n')
+    r = _bad(tmp_path, clip_dir, data=data)
+    assert r.exit_code == 3 and "answer" in r.output and "line 1" in r.output
+
+
+def test_no_usable_image(tmp_path, clip_dir):
+    data = tmp_path / "corrupt"
+    (data / "cat").mkdir(parents=True)
+    (data / "cat" / "a.png").write_bytes(b"not an image")
+    r = _bad(tmp_path, clip_dir, data=data)
+    assert r.exit_code == 3 and "usable" in r.output
+
+
+def test_corrupt_image_is_skipped_and_counted(tmp_path, clip_dir):
+    data = write_toy_images(tmp_path / "d")
+    (data / "red" / "broken.png").write_bytes(b"\x89PNG broken")
+    r = _bad(tmp_path, clip_dir, "--epochs", "1", data=data)
+    assert r.exit_code == 0, r.output
+    report = json.loads((_session(tmp_path / "runs") / "report.json").read_text())
+    assert report["samples_skipped"] == 1 and "broken.png" in report["skipped"][0][0]
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--method", "magic"], "method"),
+    (["--sparsity", "0"], "sparsity"),
+    (["--loss", "ppl"], "needs a VLM"),
+    (["--loss", "mse"], "--loss"),
+    (["--quantize", "3bit"], "--quantize"),
+    (["--precision", "fp16", "--device", "cpu"], "fp16"),
+])
+def test_bad_options(tmp_path, clip_dir, flags, needle):
+    r = _bad(tmp_path, clip_dir, *flags)
+    assert r.exit_code == 3 and needle in r.output, r.output
+
+
+def test_wrong_model(tmp_path):
+    import transformers as tf
+    bert = tmp_path / "bert"
+    tf.BertModel(tf.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
+                               vocab_size=50)).save_pretrained(bert)
+    r = _adapt("--data", str(write_toy_images(tmp_path / "d")), "--workdir", str(tmp_path / "runs"),
+               "--model", str(bert), *FAST)
+    assert r.exit_code == 3 and "bert" in r.output
+
+
+def test_workdir_remembers_its_model(tmp_path, clip_dir, llava_dir):
+    data = write_toy_images(tmp_path / "d")
+    assert _bad(tmp_path, clip_dir, "--epochs", "1", data=data).exit_code == 0
+    r = _bad(tmp_path, llava_dir, data=write_toy_images(tmp_path / "d2", seed=3))
+    assert r.exit_code == 3 and "another --workdir" in r.output
