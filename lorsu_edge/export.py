@@ -580,3 +580,136 @@ def read_sidecar(out: Path) -> dict[str, Any]:
         return json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise BadInputError(f"cannot read {path}: {e}", hint="re-run lorsu-edge export") from None
+
+
+# --- the verb's recipe: workdir -> session -> load -> export ---------------------------------------------
+
+
+@dataclass
+class ExportRequest:
+    """What `lorsu-edge export` can be told (CLI flags map 1:1 onto these fields)."""
+
+    workdir: Path = Path("lorsu-runs")
+    session: str | None = None
+    """Session id to export; None: the workdir's current model (which may be the base model)."""
+    base: bool = False
+    """Export the unadapted base encoder."""
+    model: str | None = None
+    """Base model folder or hub id; default: the one the workdir remembers."""
+    out: Path | None = None
+    """Default: <workdir>/exports/encoder-<session|base>-<precision>[-projector].onnx."""
+    precision: str = "fp32"
+    opset: int = DEFAULT_OPSET
+    with_projector: bool = False
+    images: Path | None = None
+    """Folder of images for the parity proof; default: the session's own data folder when it still exists."""
+    quantize: str = "auto"
+    """How to load the VLM's language model (never exported; 4-bit keeps loading cheap)."""
+
+
+@dataclass
+class Resolved:
+    """What an ExportRequest points at."""
+
+    workdir: Any  # lorsu_edge.session.Workdir | None
+    base_model: str
+    session: str | None
+    report: dict[str, Any]
+
+
+def resolve_request(req: ExportRequest) -> Resolved:
+    """Find the workdir, base model and session to export (BadInputError with a hint when impossible)."""
+    from lorsu_edge.session import REPORT_FILE, WORKDIR_FILE, Workdir
+
+    if req.base and req.session is not None:
+        raise BadInputError("--base and --session exclude each other", hint="pass one of them")
+    has_wd = (Path(req.workdir) / WORKDIR_FILE).exists()
+    wd = Workdir.open(req.workdir) if has_wd or not (req.base and req.model) else None
+    remembered = wd.settings().get("base_model") if wd else None
+    if req.model and remembered and req.model != remembered:
+        raise BadInputError(f"workdir {req.workdir} adapts {remembered}, not {req.model}",
+                            hint="drop --model, or pass the workdir of that model")
+    base_model = req.model or remembered
+    if not base_model:
+        raise BadInputError(f"workdir {req.workdir} has no base model yet", hint="pass --model, or run adapt first")
+    sid = None if (req.base or wd is None) else (wd.session(req.session).id if req.session is not None
+                                                  else wd.current())
+    report: dict[str, Any] = {}
+    if sid is not None:
+        info = wd.session(sid)
+        if not info.accepted:
+            raise BadInputError(f"session {sid} was rejected ({info.reason or 'no reason given'})",
+                                hint="export an accepted session (see `lorsu-edge history`) or --base")
+        report = json.loads((info.path / REPORT_FILE).read_text()) if (info.path / REPORT_FILE).is_file() else {}
+    return Resolved(wd, base_model, sid, report)
+
+
+def _session_encoder(loaded: Any, res: Resolved) -> None:
+    """Put the session's merged encoder into the loaded base model and prove it is exactly that encoder."""
+    from lorsu_edge.load import apply_encoder
+    from lorsu_edge.session import ENCODER_FILE
+
+    if res.session is None:
+        _check_base(loaded, res)
+        return
+    apply_encoder(loaded, res.workdir.session_dir(res.session) / ENCODER_FILE)
+    expected = res.report.get("encoder_sha256")
+    actual = merge.tensors_hash(merge.encoder_state_dict(loaded.model, loaded.spec))
+    if expected and expected != actual:
+        raise BadInputError(f"session {res.session}'s encoder does not reproduce its recorded hash",
+                            hint="the session files or the base model changed since it was trained")
+
+
+def _check_base(loaded: Any, res: Resolved) -> None:
+    """The base model must be the one the workdir's first session started from (when there is one)."""
+    if res.workdir is None:
+        return
+    started = [r for r in res.workdir.history() if r.get("parent") is None and r.get("base_encoder_sha256")]
+    if started and started[0]["base_encoder_sha256"] != merge.tensors_hash(
+            merge.encoder_state_dict(loaded.model, loaded.spec)):
+        raise BadInputError(f"the base model {res.base_model} changed since session {started[0]['id']} was "
+                            "trained on it", hint="restore the original base model folder")
+
+
+def _proof_images(req: ExportRequest, res: Resolved) -> list[Path]:
+    """Up to 3 real images for the proof: --images, else the session's data folder if it still exists."""
+    from lorsu_edge.errors import DataError
+    from lorsu_edge.samples import read_samples
+
+    folder = req.images or (Path(res.report["data"]) if res.report.get("data") else None)
+    if folder is None or (req.images is None and not folder.is_dir()):
+        return []
+    try:
+        return [s.path for s in read_samples(folder, max_samples=max(PARITY_BATCHES)).samples]
+    except DataError:
+        if req.images is not None:
+            raise
+        return []
+
+
+def default_out(req: ExportRequest, res: Resolved) -> Path:
+    """<workdir>/exports/encoder-<session|base>-<precision>[-projector].onnx (cwd when there is no workdir)."""
+    root = res.workdir.root if res.workdir is not None else Path.cwd()
+    suffix = "-projector" if req.with_projector else ""
+    return root / "exports" / f"encoder-{res.session or 'base'}-{req.precision}{suffix}.onnx"
+
+
+def export_request(req: ExportRequest) -> tuple[ExportResult, Resolved]:
+    """The `lorsu-edge export` recipe: resolve -> load (completeness checked) -> session encoder -> export."""
+    from lorsu_edge.load import load_model
+
+    if req.precision not in PRECISIONS:  # before the (slow) load
+        raise BadInputError(f"--precision must be one of {', '.join(PRECISIONS)}, got {req.precision!r}")
+    res = resolve_request(req)
+    loaded = load_model(res.base_model, req.quantize, device="cpu")
+    _session_encoder(loaded, res)
+    meta = {"base_model": res.base_model, "session_id": res.session,
+            "method": res.report.get("method", "none (base model)" if res.session is None else None),
+            "parent_session": res.report.get("parent_session")}
+    result = export_onnx(loaded.model, loaded.spec, loaded.processor, req.out or default_out(req, res),
+                         precision=req.precision, opset=req.opset, with_projector=req.with_projector,
+                         sample_images=_proof_images(req, res), meta=meta)
+    if res.workdir is not None:
+        res.workdir.log_run({"verb": "export", "session": res.session, "out": str(result.path),
+                             "precision": req.precision, "exit_code": 0})
+    return result, res

@@ -1,8 +1,10 @@
 """ONNX export: parity with PyTorch on every wired family, metadata, precision bounds, failure leaves no file,
-and the standalone `export/infer_onnx.py` reproduces PyTorch on a real PNG through the model's processor."""
+the standalone `export/infer_onnx.py` reproduces PyTorch on a real PNG through the model's processor, and
+`lorsu-edge export` end to end on an adapted tiny model with every refusal's own error."""
 
 import importlib.util
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,9 +13,14 @@ import numpy as np
 import onnx
 import pytest
 import torch
+import typer
 from PIL import Image
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
 
 import lorsu_edge.export as ex
+from lorsu_edge.cli import export as export_verb
+from lorsu_edge.cli.main import app as main_app
 from lorsu_edge.config import MethodConfig
 from lorsu_edge.consumer import image_features, vlm_features
 from lorsu_edge.errors import BadInputError, ExportMismatchError
@@ -21,7 +28,7 @@ from lorsu_edge.export import TOLERANCES, Tolerance, export_onnx, onnx_session, 
 from lorsu_edge.families import find_encoder
 from lorsu_edge.inject import inject, select_targets
 from lorsu_edge.merge import encoder_state_dict, tensors_hash
-from lorsu_edge.tiny import IMAGE_SIZE, _image_processor, tiny_model
+from lorsu_edge.tiny import IMAGE_SIZE, _image_processor, save_tiny, tiny_model, write_toy_images
 
 ROOT = Path(__file__).resolve().parents[1]
 INFER = ROOT / "export" / "infer_onnx.py"
@@ -275,3 +282,124 @@ def test_infer_script_refuses_a_foreign_sidecar(tmp_path):
     run = subprocess.run([sys.executable, str(INFER), str(res.path), str(_png(tmp_path / "i.png"))],
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 3 and "does not belong to its sidecar" in run.stderr
+
+
+# --- the CLI verb ----------------------------------------------------------------------------------------
+
+runner = CliRunner()
+FAST = ["--rank", "4", "--alpha", "8", "--batch-size", "4", "--epochs", "1", "--lr", "1e-2", "--no-progress"]
+
+
+def _app() -> typer.Typer:
+    """The main app if the export verb is wired there, else a one-verb app around the same function."""
+    if any(c.name == "export" for c in main_app.registered_commands):
+        return main_app
+    app = typer.Typer()
+    app.command("export")(export_verb.command)
+    app.command("noop")(lambda: None)  # two commands: Typer keeps the verb name on the command line
+    return app
+
+
+def _export(*args):
+    result = runner.invoke(_app(), ["export", *args])
+    assert "Traceback" not in result.output
+    return result
+
+
+@pytest.fixture(scope="module")
+def adapted(tmp_path_factory):
+    """A workdir with one accepted session of a tiny CLIP, trained on toy PNGs."""
+    root = tmp_path_factory.mktemp("clip")
+    model_dir = save_tiny("clip", root / "model")
+    data = write_toy_images(root / "data")
+    wd = root / "runs"
+    r = runner.invoke(main_app, ["adapt", "--data", str(data), "--workdir", str(wd), "--model", str(model_dir),
+                                 *FAST])
+    assert r.exit_code == 0, r.output
+    return wd, model_dir
+
+
+def _report(wd: Path, sid="0001"):
+    return json.loads((wd / "sessions" / sid / "report.json").read_text())
+
+
+def test_export_current_session_and_base(adapted):
+    wd, _ = adapted
+    r = _export("--onnx", "--workdir", str(wd))
+    assert r.exit_code == 0, r.output
+    out = wd / "exports" / "encoder-0001-fp32.onnx"
+    side = json.loads(Path(f"{out}.json").read_text())
+    assert side["session_id"] == "0001" and side["method"] == "lorsu"
+    assert side["encoder_sha256"] == _report(wd)["encoder_sha256"]
+    assert side["parity"]["inputs"] == "3 session image(s)"  # the session's own data folder
+    assert "exported session 0001" in r.output and "parity vs PyTorch" in r.output
+
+    b = _export("--workdir", str(wd), "--base", "--precision", "int8", "--json")
+    assert b.exit_code == 0, b.output
+    line = json.loads(b.output.strip().splitlines()[-1])
+    base_side = json.loads(Path(line["sidecar"]).read_text())
+    assert line["session"] is None and base_side["precision"] == "int8"
+    assert base_side["encoder_sha256"] == _report(wd)["base_encoder_sha256"] != side["encoder_sha256"]
+    runs = [json.loads(x) for x in (wd / "runs.jsonl").read_text().splitlines() if x.strip()]
+    assert sum(1 for x in runs if x.get("verb") == "export") == 2
+
+
+def test_conflicting_and_unknown_requests(adapted, tmp_path):
+    wd, _ = adapted
+    r = _export("--workdir", str(wd), "--base", "--session", "1")
+    assert r.exit_code == 3 and "exclude each other" in r.output
+    r = _export("--workdir", str(wd), "--session", "9")
+    assert r.exit_code == 3 and "no session 9" in r.output
+    r = _export("--workdir", str(tmp_path / "none"))
+    assert r.exit_code == 3 and "hint:" in r.output
+    r = _export("--workdir", str(wd), "--precision", "int4")
+    assert r.exit_code == 3 and "--precision" in r.output
+    r = _export("--workdir", str(wd), "--with-projector", "--out", str(tmp_path / "x.onnx"))
+    assert r.exit_code == 3 and "only applies to a VLM" in r.output
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_mismatch_exits_7_and_writes_nothing(adapted, tmp_path, monkeypatch):
+    wd, _ = adapted
+    monkeypatch.setitem(ex.TOLERANCES, "fp32", ex.Tolerance(max_rel_abs=0.0))
+    out = tmp_path / "exp" / "enc.onnx"
+    r = _export("--workdir", str(wd), "--out", str(out))
+    assert r.exit_code == 7 and "differs from PyTorch" in r.output and "hint:" in r.output
+    assert list(out.parent.iterdir()) == []
+
+
+def test_incomplete_session_encoder_is_refused(adapted, tmp_path):
+    wd, model_dir = adapted
+    # A copy of the workdir whose session encoder lacks one tensor.
+    copy = tmp_path / "runs"
+    shutil.copytree(wd, copy)
+    enc = copy / "sessions" / "0001" / "encoder.safetensors"
+    tensors = load_file(str(enc))
+    tensors.pop(sorted(k for k in tensors if k.endswith("fc1.weight"))[0])
+    save_file(tensors, str(enc))
+    r = _export("--workdir", str(copy), "--out", str(tmp_path / "e.onnx"))
+    assert r.exit_code == 3 and "does not match this model's encoder" in r.output
+    assert not (tmp_path / "e.onnx").exists()
+
+
+def test_llava_base_with_projector_without_workdir(tmp_path):
+    model_dir = save_tiny("llava", tmp_path / "llava")
+    out = tmp_path / "llava.onnx"
+    r = _export("--workdir", str(tmp_path / "none"), "--base", "--model", str(model_dir), "--with-projector",
+                "--quantize", "none", "--out", str(out))
+    assert r.exit_code == 0, r.output
+    side = json.loads(Path(f"{out}.json").read_text())
+    assert side["output"]["name"] == "projected_features" and side["session_id"] is None
+
+
+def test_reinitialised_tower_is_refused(tmp_path):
+    """A checkpoint whose tower tensors are under other names (as when 4.57 reads a 5.x save) loads random weights."""
+    model_dir = save_tiny("clip", tmp_path / "clip")
+    weights = load_file(str(model_dir / "model.safetensors"))
+    renamed = {(k.replace("vision_model.", "vision_model.flattened.", 1) if k.startswith("vision_model.") else k): v
+               for k, v in weights.items()}
+    save_file(renamed, str(model_dir / "model.safetensors"), metadata={"format": "pt"})
+    out = tmp_path / "x.onnx"
+    r = _export("--workdir", str(tmp_path / "none"), "--base", "--model", str(model_dir), "--out", str(out))
+    assert r.exit_code == 3 and "were not in the checkpoint" in r.output
+    assert not out.exists()
