@@ -27,7 +27,8 @@ from lorsu_edge.adapter import save_adapter
 from lorsu_edge.config import MethodConfig
 from lorsu_edge.errors import BadInputError
 from lorsu_edge.inject import freeze, inject, select_targets
-from lorsu_edge.load import Loaded, apply_encoder, load_model
+from lorsu_edge.load import (Loaded, apply_encoder, config_role, load_model, load_vlm_tower_in_dual, read_config,
+                             resolve_source)
 from lorsu_edge.losses import Batch, check_loss, default_loss, make_objective
 from lorsu_edge.merge import encoder_state_dict, tensors_hash, unload
 from lorsu_edge.samples import Sample, SampleSet, read_samples
@@ -46,6 +47,7 @@ class AdaptOptions:
     workdir: Path = Path("lorsu-runs")
     model: str | None = None
     loss: str | None = None
+    text_model: str | None = None
     quantize: str = "auto"
     device: str = "auto"
     method: MethodConfig = field(default_factory=MethodConfig)
@@ -86,6 +88,18 @@ def resolve_base_model(opts: AdaptOptions, remembered: str | None) -> str:
 
     log.info("no --model given: using the embedded default dual encoder (built once, offline)")
     return str(build_default_dual())
+
+
+def load_for_loss(base: str, opts: AdaptOptions, device: torch.device) -> Loaded:
+    """The model the loss needs: the VLM itself, or for `--loss clip --text-model` only its tower inside
+    the matching dual encoder (no language model in memory)."""
+    if opts.text_model:
+        if opts.loss not in (None, "clip"):
+            raise BadInputError("--text-model only makes sense with --loss clip", hint="drop --text-model")
+        return load_vlm_tower_in_dual(base, opts.text_model, device=str(device))
+    role = config_role(read_config(resolve_source(base)))
+    check_loss(opts.loss or default_loss(role), role, has_text_model=False)  # before any weight is read
+    return load_model(base, opts.quantize, device=str(device))
 
 
 def new_samples(samples: SampleSet, seen: set[str]) -> list[Sample]:
@@ -168,7 +182,7 @@ def run_session(opts: AdaptOptions, loaded: Loaded, samples: list[Sample], parti
     precision = resolve_precision(opts.train.precision, device)
     autocast = autocast_factory(precision, device)
     objective = make_objective(loss, model, spec, loaded.processor, seed=opts.train.seed)
-    base_hash = tensors_hash(encoder_state_dict(model, spec))
+    base_hash = tensors_hash(session_encoder(loaded))
     targets, counts = score_and_inject(loaded, objective, samples, opts, autocast)
     _, n_steps = step_plan(samples, opts.train)
     bar = _Progress(n_steps, opts.show_progress)
@@ -183,7 +197,7 @@ def run_session(opts: AdaptOptions, loaded: Loaded, samples: list[Sample], parti
     save_adapter(partial, model, spec, opts.method, meta, target_meta(targets))
     unload(model)
     fault_point("merge")
-    encoder = encoder_state_dict(model, spec)
+    encoder = session_encoder(loaded)
     from safetensors.torch import save_file
 
     save_file({k: v.contiguous() for k, v in encoder.items()}, str(partial / ENCODER_FILE))
@@ -193,6 +207,14 @@ def run_session(opts: AdaptOptions, loaded: Loaded, samples: list[Sample], parti
         **counts, "steps": result.steps, "loss_first": result.loss_first, "loss_last": result.loss_last,
         "losses": result.losses, "train_seconds": result.seconds,
     }
+
+
+def session_encoder(loaded: Loaded) -> dict[str, torch.Tensor]:
+    """The encoder's tensors under the names the session files use (the VLM's, with --text-model)."""
+    tensors = encoder_state_dict(loaded.model, loaded.spec)
+    if loaded.encoder_names:
+        tensors = {loaded.encoder_names[k]: v for k, v in tensors.items()}
+    return tensors
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -213,7 +235,7 @@ def adapt(opts: AdaptOptions) -> AdaptResult:
             return AdaptResult("nothing-new", wd.current(), {"new_samples": len(fresh)}, msg)
         device = pick_device(opts.device)
         resolve_precision(opts.train.precision, device)  # refuse a bad combination before loading
-        loaded = load_model(base, opts.quantize, device=str(device))
+        loaded = load_for_loss(base, opts, device)
         fault_point("load")
         loss = opts.loss or default_loss(loaded.role)
         check_loss(loss, loaded.role, has_text_model=False)

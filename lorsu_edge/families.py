@@ -124,7 +124,7 @@ def _tower_config(model: nn.Module, tower: nn.Module, role: str):
     return getattr(tower, "config", cfg)
 
 
-def _used_blocks(n_blocks: int, feature_layer: int | list[int] | None) -> int:
+def used_blocks_for(n_blocks: int, feature_layer: int | list[int] | None) -> int:
     """hidden_states has n+1 entries (embeddings, then each block); layer L reads blocks < its index."""
     if feature_layer is None:
         return n_blocks
@@ -204,6 +204,6 @@ def find_encoder(model: nn.Module, feature_layer: int | list[int] | None = None)
         blocks=_block_targets(model, family, blocks_path, n_blocks),
         num_heads=int(cfg.num_attention_heads),
         hidden_size=int(cfg.hidden_size),
-        used_blocks=_used_blocks(n_blocks, feature_layer),
+        used_blocks=used_blocks_for(n_blocks, feature_layer),
         feature_layer=feature_layer,
     )

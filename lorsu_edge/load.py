@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from lorsu_edge.errors import BadInputError, UnsupportedModelError
-from lorsu_edge.families import EncoderSpec, find_encoder
+from lorsu_edge.families import FAMILIES, EncoderSpec, find_encoder
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,7 @@ class Loaded:
     path: Path
     quantize: str = "none"
     notes: list[str] = field(default_factory=list)
+    encoder_names: dict[str, str] | None = None  # model name -> name in the session files, when they differ
 
     @property
     def role(self) -> str:
@@ -143,15 +144,26 @@ def _check_complete(info: dict, spec: EncoderSpec, source: str) -> None:
         )
 
 
+def config_role(config) -> str:
+    """"vlm", "dual" or "encoder", from the config alone (checks run before any weight is read)."""
+    if config.model_type == "llava":
+        return "vlm"
+    if config.model_type in DUAL_TYPES:
+        return "dual"
+    if any(config.model_type in f.model_types for f in FAMILIES.values()):
+        return "encoder"
+    raise UnsupportedModelError(f"unsupported model type {config.model_type!r}",
+                                hint="lorsu-edge adapts LLaVA-style VLMs, dual encoders (CLIP, SigLIP, "
+                                "VisionTextDualEncoder) and CLIP/SigLIP/DINOv2/ViT/BLIP image encoders")
+
+
 def load_model(source: str, quantize: str = "auto", device: str = "cpu") -> Loaded:
     """Load `source` for adaptation: encoder + projector fp32, LLM quantized (`quantize`) or bf16."""
     if quantize not in QUANTIZE:
         raise BadInputError(f"--quantize must be one of {', '.join(QUANTIZE)}, got {quantize!r}")
     path = resolve_source(source)
     config = read_config(path)
-    if config.model_type not in ("llava",) + DUAL_TYPES and not hasattr(config, "num_attention_heads"):
-        raise UnsupportedModelError(f"unsupported model type {config.model_type!r} in {path}",
-                                    hint="lorsu-edge adapts LLaVA-style VLMs, dual encoders and ViT-style encoders")
+    config_role(config)  # refuses unsupported types before any weight is read
     notes: list[str] = []
     kwargs: dict[str, Any] = {"local_files_only": True, "output_loading_info": True}
     quant_used = "none"
@@ -201,6 +213,9 @@ def apply_encoder(loaded: Loaded, encoder_file: Path) -> None:
     from safetensors.torch import load_file
 
     tensors = load_file(str(encoder_file))
+    if loaded.encoder_names:
+        back = {v: k for k, v in loaded.encoder_names.items()}
+        tensors = {back.get(k, k): v for k, v in tensors.items()}
     result = loaded.model.load_state_dict(tensors, strict=False)
     expected = {k for k in loaded.model.state_dict() if k.startswith(loaded.spec.param_prefix)}
     missing = expected - set(tensors)
@@ -208,3 +223,80 @@ def apply_encoder(loaded: Loaded, encoder_file: Path) -> None:
         bad = (result.unexpected_keys or sorted(missing))[0]
         raise BadInputError(f"{encoder_file} does not match this model's encoder (e.g. {bad})",
                             hint="the session belongs to another base model")
+
+
+def _strip_tower_root(key: str) -> str:
+    """Tower keys without the `vision_model.` root that CLIPVisionModel has and CLIPModel's tower lacks."""
+    return key.removeprefix("vision_model.")
+
+
+def vlm_tower_tensors(vlm_path: Path) -> tuple[dict[str, torch.Tensor], str]:
+    """The vision tower's tensors from a LLaVA checkpoint, read from its safetensors files (no LLM loaded).
+
+    Returns ({tower key without root: tensor}, the in-memory prefix of the tower in the VLM).
+    """
+    from safetensors import safe_open
+
+    files = sorted(vlm_path.glob("*.safetensors"))
+    if not files:
+        raise BadInputError(f"no safetensors weights in {vlm_path}", hint="re-save the VLM with save_pretrained")
+    out = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as handle:
+            for key in handle.keys():
+                for prefix in ("model.vision_tower.", "vision_tower."):  # 4.57 saves the legacy layout
+                    if key.startswith(prefix):
+                        out[_strip_tower_root(key.removeprefix(prefix))] = handle.get_tensor(key)
+    return out, "model.vision_tower."
+
+
+def load_vlm_tower_in_dual(vlm_source: str, text_model: str, device: str = "cpu") -> Loaded:
+    """For `--loss clip` on a VLM: the dual encoder `text_model` with the VLM's tower weights in its image
+    tower. The VLM's language model is never loaded (the cheap path). The returned spec never selects
+    blocks the VLM does not read, and `encoder_names` maps tensors back to the VLM's own names."""
+    vlm_path = resolve_source(vlm_source)
+    vlm_config = read_config(vlm_path)
+    if vlm_config.model_type != "llava":
+        raise BadInputError(f"--text-model is for VLMs; {vlm_source} is a {vlm_config.model_type}",
+                            hint="drop --text-model: a dual encoder has its own text tower")
+    dual = load_model(text_model, device=device)
+    if dual.role != "dual":
+        raise BadInputError(f"--text-model {text_model} is not a dual encoder ({dual.spec.family.name} {dual.role})",
+                            hint="pass the CLIP/SigLIP model the VLM's tower came from")
+    tensors, prefix = vlm_tower_tensors(vlm_path)
+    tower_keys = {_strip_tower_root(k): k for k in dual.spec.tower.state_dict()}
+    problem = _tower_mismatch(tensors, dual.spec.tower.state_dict(), tower_keys)
+    if problem:
+        raise BadInputError(f"the towers of {vlm_source} and --text-model {text_model} differ: {problem}",
+                            hint="--text-model must be the dual encoder whose image tower the VLM uses")
+    with torch.no_grad():
+        dual.spec.tower.load_state_dict({tower_keys[k]: v for k, v in tensors.items()})
+    from lorsu_edge.families import used_blocks_for
+
+    dual.spec.used_blocks = used_blocks_for(len(dual.spec.blocks), getattr(vlm_config, "vision_feature_layer", None))
+    vlm_keys = _vlm_tower_keys(vlm_config)
+    dual.encoder_names = {dual.spec.param_prefix + full: prefix + vlm_keys[short] for short, full in tower_keys.items()}
+    dual.source, dual.path = vlm_source, vlm_path
+    dual.notes.append(f"clip loss through {text_model}; the VLM's language model is not loaded")
+    return dual
+
+
+def _vlm_tower_keys(vlm_config) -> dict[str, str]:
+    """{short key: key in the VLM's in-memory tower}, from the tower class built on the meta device
+    (no memory, no weights): CLIPVisionModel keeps a `vision_model.` root in 4.57, not in 5.x."""
+    from transformers import AutoModel
+
+    with torch.device("meta"):
+        tower = AutoModel.from_config(vlm_config.vision_config)
+    return {_strip_tower_root(k): k for k in tower.state_dict()}
+
+
+def _tower_mismatch(vlm: dict[str, torch.Tensor], dual: dict[str, torch.Tensor], keys: dict[str, str]) -> str | None:
+    missing = sorted(set(keys) - set(vlm))
+    extra = sorted(set(vlm) - set(keys))
+    if missing or extra:
+        return f"{len(missing)} tensors missing, {len(extra)} unexpected (e.g. {(missing or extra)[0]})"
+    for short, full in keys.items():
+        if tuple(vlm[short].shape) != tuple(dual[full].shape):
+            return f"{short} is {tuple(vlm[short].shape)} in the VLM, {tuple(dual[full].shape)} in the dual encoder"
+    return None

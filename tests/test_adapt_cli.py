@@ -185,3 +185,44 @@ def test_workdir_remembers_its_model(tmp_path, clip_dir, llava_dir):
     assert _bad(tmp_path, clip_dir, "--epochs", "1", data=data).exit_code == 0
     r = _bad(tmp_path, llava_dir, data=write_toy_images(tmp_path / "d2", seed=3))
     assert r.exit_code == 3 and "another --workdir" in r.output
+
+
+def test_vlm_with_clip_loss_through_text_model(tmp_path, llava_dir, clip_dir):
+    """--loss clip on a VLM: its tower trains inside the matching dual encoder; the LLM is never loaded;
+    the session's encoder uses the VLM's names and its unused last block stays untouched."""
+    data = write_toy_images(tmp_path / "d")
+    wd = tmp_path / "runs"
+    r = _adapt("--data", str(data), "--workdir", str(wd), "--model", str(llava_dir), "--loss", "clip",
+               "--text-model", str(clip_dir), "--epochs", "4", "--lr", "3e-2", *FAST)
+    assert r.exit_code == 0, r.output
+    base, encoder = _untouched_outside_encoder(llava_dir, _session(wd), "model.vision_tower.")
+    assert set(encoder) == {k for k in base if k.startswith("model.vision_tower.")}
+    changed = {k for k in encoder if not torch.equal(encoder[k], base[k])}
+    assert changed and not any(".layers.2." in k for k in changed)
+    # the next session chains from this one through the same mapping
+    r2 = _adapt("--data", str(write_toy_images(tmp_path / "d2", seed=5)), "--workdir", str(wd), "--loss", "clip",
+                "--text-model", str(clip_dir), "--epochs", "1", *FAST)
+    assert r2.exit_code == 0, r2.output
+    from lorsu_edge.merge import tensors_hash
+    second = json.loads((_session(wd, "0002") / "adapter.json").read_text())
+    assert second["base_encoder_sha256"] == tensors_hash(encoder)
+
+
+def test_text_model_with_a_different_tower_is_refused(tmp_path, llava_dir):
+    import transformers as tf
+    from lorsu_edge.tiny import tiny_model
+    other = tmp_path / "other"
+    m = tf.CLIPModel(tf.CLIPConfig(vision_config=dict(hidden_size=48, intermediate_size=64, num_hidden_layers=3,
+                                                      num_attention_heads=4, image_size=32, patch_size=8),
+                                   text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                                    num_attention_heads=4, vocab_size=600)))
+    m.save_pretrained(other)
+    save_tiny("clip", tmp_path / "clipproc")  # borrow a processor
+    import shutil
+    for f in (tmp_path / "clipproc").glob("*.json"):
+        if f.name not in ("config.json",):
+            shutil.copy(f, other / f.name)
+    shutil.copy(tmp_path / "clipproc" / "merges.txt", other / "merges.txt")
+    r = _adapt("--data", str(write_toy_images(tmp_path / "d")), "--workdir", str(tmp_path / "runs"),
+               "--model", str(llava_dir), "--loss", "clip", "--text-model", str(other), *FAST)
+    assert r.exit_code == 3 and "differ" in r.output, r.output

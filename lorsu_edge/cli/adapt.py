@@ -29,6 +29,8 @@ def command(
     model: Annotated[str | None, typer.Option(help="base model folder or hub id (default: the workdir's, "
                                                   "else the embedded default)")] = None,
     loss: Annotated[str | None, typer.Option(help="clip | ppl (default: clip for dual encoders, ppl for VLMs)")] = None,
+    text_model: Annotated[str | None, typer.Option(help="for --loss clip on a VLM: the dual encoder its tower came "
+                                                       "from (its text tower scores captions; the LLM is not loaded)")] = None,
     quantize: Annotated[str, typer.Option(help="LLM quantization: auto | 4bit | 8bit | none")] = "auto",
     method: Annotated[str, typer.Option(help=_m("method"))] = "lorsu",
     sparsity: Annotated[float, typer.Option(help=_m("sparsity"))] = 0.1,
@@ -56,7 +58,7 @@ def command(
 
     try:
         opts = AdaptOptions(
-            data=data, workdir=workdir, model=model, loss=loss, quantize=quantize, device=device,
+            data=data, workdir=workdir, model=model, loss=loss, text_model=text_model, quantize=quantize, device=device,
             method=MethodConfig(method, sparsity, top_k_heads, rank, alpha, importance_samples),
             train=TrainConfig(epochs, batch_size, None, lr, weight_decay, warmup_ratio, max_grad_norm,
                               precision, seed),
