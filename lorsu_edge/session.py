@@ -372,7 +372,7 @@ class Workdir:
             doc = _read_json(self.root / CURRENT_FILE)
         except BadInputError:
             return None
-        if not isinstance(doc, dict) or "session" not in doc or "through" not in doc:
+        if not isinstance(doc, dict) or not all(_is_id_or_none(doc.get(k, "")) for k in ("session", "through")):
             return None
         return doc
 
@@ -509,6 +509,7 @@ class Workdir:
             with storage_errors(str(target)):
                 os.rename(partial, target)
                 fsync_dir(self.sessions_root)
+            _fault_point("commit")  # the narrowest window: renamed, pointer not yet moved
             try:
                 self._write_pointer(sid if accepted else parent, sid)
             except BaseException:
@@ -642,6 +643,10 @@ def read_samples_file(session_dir: Path) -> set[str]:
 # --- signals --------------------------------------------------------------------------------------
 
 
+def _is_id_or_none(value: Any) -> bool:
+    return value is None or (isinstance(value, str) and bool(_ID_RE.match(value)))
+
+
 def _read_json_quiet(path: Path) -> Any | None:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
@@ -652,6 +657,12 @@ def _read_json_quiet(path: Path) -> Any | None:
 def _ends_without_newline(fd: int) -> bool:
     size = os.fstat(fd).st_size
     return size > 0 and os.pread(fd, 1, size - 1) != b"\n"
+
+
+def _fault_point(phase: str) -> None:
+    """Test hook shared with the recipe: LORSU_EDGE_FAULT=<phase> SIGKILLs the process here."""
+    if os.environ.get("LORSU_EDGE_FAULT") == phase:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _in_main_thread() -> bool:

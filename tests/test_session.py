@@ -86,7 +86,7 @@ def _wait_for_line(proc: subprocess.Popen, expected: str, timeout: float = 60.0)
 
 @pytest.fixture
 def wd(tmp_path: Path) -> Workdir:
-    return Workdir.open(tmp_path / "runs", create=True, settings={"model": "tiny-clip"})
+    return Workdir.open(tmp_path / "runs", create=True, settings={"base_model": "tiny-clip"})
 
 
 # --- atomic writes --------------------------------------------------------------------------------
@@ -171,10 +171,10 @@ def test_open_missing_and_foreign_dirs(tmp_path: Path) -> None:
 
 def test_create_remembers_settings_and_rejects_newer_format(wd: Workdir) -> None:
     again = Workdir.open(wd.root, create=True, settings={"model": "other"})
-    assert again.settings() == {"model": "tiny-clip"}
+    assert again.settings() == {"base_model": "tiny-clip"}
     assert again.current() is None and again.sessions() == []
     with again.lock():
-        assert again.update_settings(control="/data/control", model=None) == {"control": "/data/control"}
+        assert again.update_settings(control="/data/control", base_model=None) == {"control": "/data/control"}
     assert Workdir.open(wd.root).settings() == {"control": "/data/control"}
     doc = json.loads((wd.root / "workdir.json").read_text())
     atomic_write_json(wd.root / "workdir.json", {**doc, "format": 99})
@@ -481,7 +481,7 @@ def test_history_table_and_json(wd: Workdir) -> None:
     res = runner.invoke(_app(), ["history", "--workdir", str(wd.root), "--json"])
     assert res.exit_code == 0, res.output
     doc = json.loads(res.output)
-    assert doc["current"] == "0001" and doc["settings"] == {"model": "tiny-clip"}
+    assert doc["current"] == "0001" and doc["settings"] == {"base_model": "tiny-clip"}
     assert [(s["id"], s["status"]) for s in doc["sessions"]] == [("0001", "accepted"), ("0002", "rejected")]
 
 
@@ -514,3 +514,17 @@ def test_verbs_on_missing_or_locked_workdir(wd: Workdir, tmp_path: Path) -> None
     with other.lock():
         res = runner.invoke(_app(), ["rollback", "base", "--workdir", str(wd.root)])
     assert res.exit_code == ExitCode.LOCKED and f"pid {os.getpid()}" in res.output
+
+
+def test_damaged_pointer_hides_nothing_and_rollback_repairs_it(wd: Workdir) -> None:
+    with wd.lock():
+        _commit(wd, ["a"])
+        _commit(wd, ["b"])
+    (wd.root / CURRENT_FILE).write_text('{"session": "../etc", "through": 2}')
+    with pytest.raises(BadInputError, match="missing or damaged"):
+        wd.current()
+    with wd.lock() as recovery:
+        assert not recovery.removed_partials  # nothing is provably uncommitted: nothing is deleted
+        assert [s.id for s in wd.sessions()] == ["0001", "0002"]
+        assert wd.rollback("1") is None
+    assert wd.current() == "0001" and [s.id for s in wd.sessions()] == ["0001", "0002"]

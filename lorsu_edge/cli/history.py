@@ -18,7 +18,7 @@ MISSING = "-"
 def command(
     workdir: Annotated[Path, typer.Option("--workdir", "-w", help="The workdir (default ./lorsu-runs).")] = Path(
         "lorsu-runs"),
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON: workdir, current, base settings, sessions.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON: workdir, current, settings, sessions.")] = False,
 ) -> None:
     """Show every session: data, samples, method, loss, accuracies, accepted or rejected and why."""
     from lorsu_edge.session import Workdir
@@ -41,7 +41,7 @@ def _print_table(root: Path, rows: list[dict[str, Any]], current: str | None, se
     from rich.console import Console
     from rich.table import Table
 
-    base = settings.get("model", "the base model")
+    base = settings.get("base_model") or settings.get("model") or "the base model"
     # Piped into a file or a log, keep one line per session instead of rich's 80-column default.
     console = Console(width=None if sys.stdout.isatty() else 200)
     if not rows:
