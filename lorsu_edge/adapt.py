@@ -53,6 +53,9 @@ class AdaptOptions:
     method: MethodConfig = field(default_factory=MethodConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     min_new_samples: int = 1
+    control: Path | None = None
+    eval_data: Path | None = None
+    max_forgetting: float = 1.0
     save_full: Path | None = None
     show_progress: bool = True
 
@@ -221,6 +224,37 @@ def write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
 
 
+def load_eval_sets(opts: AdaptOptions, wd: Workdir) -> dict[str, SampleSet]:
+    """The control set (given now or remembered by the workdir) and the optional target eval set."""
+    control = opts.control or wd.settings().get("control")
+    if opts.control:
+        wd.update_settings(control=str(opts.control))
+    sets = {"control": read_samples(Path(control))} if control else {}
+    if opts.eval_data:
+        sets["target"] = read_samples(opts.eval_data)
+    return sets
+
+
+def score_sets(loaded: Loaded, sets: dict[str, SampleSet], device: torch.device, precision: str) -> dict[str, float]:
+    from lorsu_edge.evaluate import evaluate
+
+    autocast = autocast_factory(precision, device)
+    return {name: evaluate(loaded, samples, autocast=autocast).accuracy for name, samples in sets.items()}
+
+
+def guard(before: dict[str, float], after: dict[str, float], max_forgetting: float) -> tuple[bool, str, dict]:
+    """Accept unless control accuracy fell by more than `max_forgetting` points."""
+    fields = {f"{k}_accuracy_before": v for k, v in before.items()}
+    fields.update({f"{k}_accuracy": v for k, v in after.items()})
+    if "control" not in before:
+        return True, "no control set", fields
+    drop = 100 * (before["control"] - after["control"])
+    fields["forgetting_points"] = round(drop, 3)
+    if drop > max_forgetting:
+        return False, f"control accuracy fell {drop:.1f} points (limit {max_forgetting:g})", fields
+    return True, f"control accuracy changed {-drop:+.1f} points (limit -{max_forgetting:g})", fields
+
+
 def adapt(opts: AdaptOptions) -> AdaptResult:
     """Run one adaptation session on `opts.data` in `opts.workdir` (see module docstring)."""
     start = time.perf_counter()
@@ -233,8 +267,9 @@ def adapt(opts: AdaptOptions) -> AdaptResult:
             msg = f"{len(fresh)} new samples in {opts.data} (need {opts.min_new_samples}): nothing to do"
             wd.log_run({"status": "nothing-new", "data": str(opts.data), "new_samples": len(fresh)})
             return AdaptResult("nothing-new", wd.current(), {"new_samples": len(fresh)}, msg)
+        eval_sets = load_eval_sets(opts, wd)
         device = pick_device(opts.device)
-        resolve_precision(opts.train.precision, device)  # refuse a bad combination before loading
+        precision = resolve_precision(opts.train.precision, device)  # refuse bad combinations before loading
         loaded = load_for_loss(base, opts, device)
         fault_point("load")
         loss = opts.loss or default_loss(loaded.role)
@@ -244,8 +279,11 @@ def adapt(opts: AdaptOptions) -> AdaptResult:
             apply_encoder(loaded, wd.session_dir(current) / ENCODER_FILE)
         if not wd.settings().get("base_model"):
             wd.update_settings(base_model=base)
+        before = score_sets(loaded, eval_sets, device, precision)
         with wd.staged_session() as partial:
             body = run_session(opts, loaded, fresh, partial, device, loss)
+            accepted, reason, scores = guard(before, score_sets(loaded, eval_sets, device, precision),
+                                             opts.max_forgetting)
             report = {
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "model": base,
                 "data": str(opts.data), "parent_session": current, "samples_used": len(fresh),
@@ -253,16 +291,18 @@ def adapt(opts: AdaptOptions) -> AdaptResult:
                 "skipped": [[str(p), r] for p, r in sample_set.skipped],
                 "encoder_params": body.pop("encoder_params"), "method_config": opts.method.to_dict(),
                 "train_config": vars(opts.train), "quantize": loaded.quantize, "notes": loaded.notes,
-                "device": str(device), "lorsu_edge": __version__, **body,
+                "device": str(device), "lorsu_edge": __version__, **body, **scores,
+                "accepted": accepted, "reason": reason,
                 "seconds": round(time.perf_counter() - start, 3), "peak_memory_bytes": peak_memory_bytes(device),
             }
             write_json(partial / REPORT_FILE, report)
             write_json(partial / SAMPLES_FILE, sorted(s.sha256 for s in fresh))
             fault_point("write")
-            session = wd.commit_session(partial, accepted=True, reason="")
-        if opts.save_full:
+            session = wd.commit_session(partial, accepted=accepted, reason=reason)
+        status = "accepted" if accepted else "rejected"
+        if opts.save_full and accepted:
             loaded.model.save_pretrained(opts.save_full)
             loaded.processor.save_pretrained(opts.save_full)
-        wd.log_run({"status": "accepted", "session": session, "data": str(opts.data),
-                    "new_samples": len(fresh), "seconds": report["seconds"]})
-        return AdaptResult("accepted", session, report, f"session {session} accepted")
+        wd.log_run({"status": status, "session": session, "data": str(opts.data), "new_samples": len(fresh),
+                    "reason": reason, "seconds": report["seconds"]})
+        return AdaptResult(status, session if accepted else current, report, f"session {session} {status}: {reason}")

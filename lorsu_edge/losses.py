@@ -98,17 +98,29 @@ class ContrastiveObjective:
         return torch.stack([self._text_cache[c] for c in captions])
 
     def __call__(self, model: nn.Module, batch: Batch) -> torch.Tensor:
-        img = F.normalize(image_features(model, self.spec, batch.inputs["pixel_values"]).float(), dim=-1)
-        txt = F.normalize(self.text_features(batch.inputs["captions"]), dim=-1)
-        logits = img @ txt.t() * self.model.logit_scale.exp().float()
-        pos = (batch.groups[:, None] == batch.groups[None, :]).float()
-        if self.sigmoid:
-            logits = logits + self.model.logit_bias.float()
-            return -F.logsigmoid((2 * pos - 1) * logits).sum() / batch.size
-        target = pos / pos.sum(dim=1, keepdim=True)
-        loss_img = -(target * logits.log_softmax(dim=1)).sum(dim=1).mean()
-        loss_txt = -(target * logits.t().log_softmax(dim=1)).sum(dim=1).mean()
-        return (loss_img + loss_txt) / 2
+        img = image_features(model, self.spec, batch.inputs["pixel_values"])
+        txt = self.text_features(batch.inputs["captions"])
+        bias = self.model.logit_bias if self.sigmoid else None
+        return contrastive_loss(img, txt, self.model.logit_scale.exp(), batch.groups, bias)
+
+
+def contrastive_loss(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, groups: torch.Tensor | None = None,
+                     bias: torch.Tensor | None = None) -> torch.Tensor:
+    """CLIP's symmetric loss (SigLIP's sigmoid loss when `bias` is given) over (image, text) pairs.
+
+    Pairs with the same `groups` id are positives of each other (soft targets); with distinct ids (or None)
+    this is exactly CLIP's / SigLIP's loss.
+    """
+    img, txt = F.normalize(img.float(), dim=-1), F.normalize(txt.float(), dim=-1)
+    logits = img @ txt.t() * scale.float()
+    groups = torch.arange(len(img)) if groups is None else groups
+    pos = (groups[:, None] == groups[None, :]).float()
+    if bias is not None:
+        return -F.logsigmoid((2 * pos - 1) * (logits + bias.float())).sum() / len(img)
+    target = pos / pos.sum(dim=1, keepdim=True)
+    loss_img = -(target * logits.log_softmax(dim=1)).sum(dim=1).mean()
+    loss_txt = -(target * logits.t().log_softmax(dim=1)).sum(dim=1).mean()
+    return (loss_img + loss_txt) / 2
 
 
 def vqa_prompt(processor: Any, question: str) -> str:

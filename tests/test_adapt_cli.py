@@ -226,3 +226,24 @@ def test_text_model_with_a_different_tower_is_refused(tmp_path, llava_dir):
     r = _adapt("--data", str(write_toy_images(tmp_path / "d")), "--workdir", str(tmp_path / "runs"),
                "--model", str(llava_dir), "--loss", "clip", "--text-model", str(other), *FAST)
     assert r.exit_code == 3 and "differ" in r.output, r.output
+
+
+def test_forgetting_guard_rejects_and_keeps_the_current_model(tmp_path, clip_dir):
+    control = write_toy_images(tmp_path / "control", seed=11)
+    wd = tmp_path / "runs"
+    ok = _adapt("--data", str(write_toy_images(tmp_path / "d1", seed=1)), "--workdir", str(wd), "--model",
+                str(clip_dir), "--control", str(control), "--epochs", "1", "--lr", "1e-6", *FAST, "--json")
+    assert ok.exit_code == 0, ok.output
+    first = json.loads(ok.output.strip().splitlines()[-1])
+    assert first["status"] == "accepted" and "control_accuracy" in first
+    # a threshold below zero rejects any session that does not improve the control set by > 1 point
+    r = _adapt("--data", str(write_toy_images(tmp_path / "d2", seed=2)), "--workdir", str(wd), "--epochs", "1",
+               "--lr", "1e-9", "--max-forgetting", "-1", *FAST, "--json")
+    assert r.exit_code == 6, r.output
+    line = json.loads(r.output.strip().splitlines()[-1])
+    assert line["status"] == "rejected" and "control accuracy" in line["reason"]
+    status = json.loads((_session(wd, "0002") / "status.json").read_text())
+    assert status["status"] == "rejected"
+    assert json.loads((wd / "current.json").read_text())["session"] == "0001"
+    report = json.loads((_session(wd, "0002") / "report.json").read_text())
+    assert report["control_accuracy_before"] == pytest.approx(first["control_accuracy"])

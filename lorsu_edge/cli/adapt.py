@@ -10,7 +10,7 @@ import typer
 
 from lorsu_edge.cli.errors import handle_errors
 from lorsu_edge.config import MethodConfig, field_help
-from lorsu_edge.errors import BadInputError
+from lorsu_edge.errors import BadInputError, ExitCode
 from lorsu_edge.train import TrainConfig
 
 
@@ -20,6 +20,10 @@ def _m(name: str) -> str:
 
 def _t(name: str) -> str:
     return field_help(TrainConfig, name)
+
+
+JSON_FIELDS = ("reason", "trainable_params", "loss_first", "loss_last", "target_accuracy_before", "target_accuracy",
+               "control_accuracy_before", "control_accuracy", "seconds", "peak_memory_bytes")
 
 
 @handle_errors
@@ -47,6 +51,11 @@ def command(
     precision: Annotated[str, typer.Option(help=_t("precision"))] = "auto",
     seed: Annotated[int, typer.Option(help=_t("seed"))] = 0,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
+    control: Annotated[Path | None, typer.Option(help="labelled control set scored before and after; the workdir "
+                                                       "remembers it")] = None,
+    eval_data: Annotated[Path | None, typer.Option("--eval", help="target eval set, scored before and after")] = None,
+    max_forgetting: Annotated[float, typer.Option(help="reject the session if control accuracy drops by more "
+                                                       "than this many points")] = 1.0,
     min_new_samples: Annotated[int, typer.Option(help="do nothing (exit 0) with fewer new samples than this")] = 1,
     save_full: Annotated[Path | None, typer.Option(help="also write a complete model folder here "
                                                         "(loads with the family's from_pretrained)")] = None,
@@ -62,15 +71,21 @@ def command(
             method=MethodConfig(method, sparsity, top_k_heads, rank, alpha, importance_samples),
             train=TrainConfig(epochs, batch_size, None, lr, weight_decay, warmup_ratio, max_grad_norm,
                               precision, seed),
-            min_new_samples=min_new_samples, save_full=save_full, show_progress=progress,
+            min_new_samples=min_new_samples, control=control, eval_data=eval_data, max_forgetting=max_forgetting,
+            save_full=save_full, show_progress=progress,
         )
     except ValueError as e:
         raise BadInputError(str(e), hint="see lorsu-edge adapt --help") from None
     result = adapt(opts)
+    _print(result, json_line)
+    if result.status == "rejected":
+        raise typer.Exit(int(ExitCode.REJECTED))
+
+
+def _print(result, json_line: bool) -> None:
     if json_line:
         typer.echo(json.dumps({"status": result.status, "session": result.session,
-                               **{k: result.report.get(k) for k in ("trainable_params", "loss_first", "loss_last",
-                                                                      "seconds", "peak_memory_bytes")}}))
+                               **{k: result.report.get(k) for k in JSON_FIELDS}}))
     else:
         typer.echo(result.message)
         if result.status != "nothing-new":
@@ -78,3 +93,6 @@ def command(
             typer.echo(f"  method {r['method']} / loss {r['loss']}: {r['trainable_params']:,} trainable of "
                        f"{r['encoder_params']:,} encoder params; loss {r['loss_first']:.4f} -> {r['loss_last']:.4f} "
                        f"in {r['steps']} steps; {r['seconds']:.1f} s; peak {r['peak_memory_bytes'] / 2**20:.0f} MiB")
+            for name in ("target", "control"):
+                if f"{name}_accuracy" in r:
+                    typer.echo(f"  {name} accuracy {r[f'{name}_accuracy_before']:.3f} -> {r[f'{name}_accuracy']:.3f}")
