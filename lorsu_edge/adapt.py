@@ -25,7 +25,7 @@ import torch
 from lorsu_edge import __version__
 from lorsu_edge.adapter import save_adapter
 from lorsu_edge.config import MethodConfig
-from lorsu_edge.errors import BadInputError
+from lorsu_edge.errors import BadInputError, ExitCode, LorsuError
 from lorsu_edge.inject import freeze, inject, select_targets
 from lorsu_edge.load import (Loaded, apply_encoder, config_role, load_model, load_vlm_tower_in_dual, read_config,
                              resolve_source)
@@ -256,16 +256,37 @@ def guard(before: dict[str, float], after: dict[str, float], max_forgetting: flo
 
 
 def adapt(opts: AdaptOptions) -> AdaptResult:
-    """Run one adaptation session on `opts.data` in `opts.workdir` (see module docstring)."""
-    start = time.perf_counter()
+    """Run one adaptation session on `opts.data` in `opts.workdir` (see module docstring).
+
+    Every run, failed ones included, leaves one JSON line in the workdir's runs.jsonl for monitoring.
+    """
     wd = Workdir.open(opts.workdir, create=True)
+    start = time.perf_counter()
+    try:
+        result = _adapt_locked(opts, wd, start)
+    except LorsuError as e:
+        wd.log_run({"verb": "adapt", "status": "failed", "data": str(opts.data), "error": e.message,
+                    "exit_code": int(e.exit_code), "seconds": round(time.perf_counter() - start, 3)})
+        raise
+    except Exception as e:
+        wd.log_run({"verb": "adapt", "status": "failed", "data": str(opts.data), "error": f"{type(e).__name__}: {e}",
+                    "exit_code": int(ExitCode.INTERNAL), "seconds": round(time.perf_counter() - start, 3)})
+        raise
+    code = ExitCode.REJECTED if result.status == "rejected" else ExitCode.OK
+    wd.log_run({"verb": "adapt", "status": result.status, "session": result.session, "data": str(opts.data),
+                "new_samples": result.report.get("samples_used", result.report.get("new_samples")),
+                "reason": result.report.get("reason"), "exit_code": int(code),
+                "seconds": round(time.perf_counter() - start, 3)})
+    return result
+
+
+def _adapt_locked(opts: AdaptOptions, wd: Workdir, start: float) -> AdaptResult:
     with wd.lock(), graceful_sigterm():
         base = resolve_base_model(opts, wd.settings().get("base_model"))
         sample_set = read_samples(opts.data)
         fresh = new_samples(sample_set, wd.seen_hashes())
         if len(fresh) < opts.min_new_samples:
             msg = f"{len(fresh)} new samples in {opts.data} (need {opts.min_new_samples}): nothing to do"
-            wd.log_run({"status": "nothing-new", "data": str(opts.data), "new_samples": len(fresh)})
             return AdaptResult("nothing-new", wd.current(), {"new_samples": len(fresh)}, msg)
         eval_sets = load_eval_sets(opts, wd)
         device = pick_device(opts.device)
@@ -303,6 +324,4 @@ def adapt(opts: AdaptOptions) -> AdaptResult:
         if opts.save_full and accepted:
             loaded.model.save_pretrained(opts.save_full)
             loaded.processor.save_pretrained(opts.save_full)
-        wd.log_run({"status": status, "session": session, "data": str(opts.data), "new_samples": len(fresh),
-                    "reason": reason, "seconds": report["seconds"]})
         return AdaptResult(status, session if accepted else current, report, f"session {session} {status}: {reason}")

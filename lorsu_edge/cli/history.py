@@ -24,12 +24,11 @@ def command(
     from lorsu_edge.session import Workdir
 
     wd = Workdir.open(workdir)
-    with wd.lock() as recovery:
-        if recovery.summary():
-            typer.echo(f"note: {recovery.summary()}", err=True)
-        rows = wd.history()
-        current = wd.current()
-        settings = wd.settings()
+    # No lock: every write is atomic and readers ignore uncommitted sessions, so monitoring can read
+    # the history while a nightly run is active.
+    rows = wd.history()
+    current = wd.current()
+    settings = wd.settings()
     if as_json:
         doc = {"workdir": str(wd.root), "current": current, "settings": settings, "sessions": rows}
         typer.echo(json.dumps(doc, indent=2, sort_keys=True, default=str))
