@@ -1,0 +1,60 @@
+"""`lorsu-edge models`: build the offline default models from package-shipped weights, list the cache."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from lorsu_edge.cli.errors import handle_errors
+from lorsu_edge.errors import BadInputError
+
+app = typer.Typer(
+    help="Build the default models from package-shipped weights (no hub needed) and list the cache.",
+    no_args_is_help=True,
+)
+
+
+def _build_dual(force: bool, seed: int) -> Path:
+    # Imported here: torch + transformers take seconds to import and `list` needs neither.
+    from lorsu_edge.zoo.dual import build_default_dual
+
+    return build_default_dual(force=force, seed=seed)
+
+
+# What `models build NAME` can build. Each builder takes (force, seed) and returns the model folder.
+BUILDERS: dict[str, Callable[[bool, int], Path]] = {
+    "dual": _build_dual,
+}
+
+
+@app.command("build")
+@handle_errors
+def build(
+    name: Annotated[str, typer.Argument(help=f"which model: {' | '.join(BUILDERS)}")],
+    force: Annotated[bool, typer.Option("--force", help="rebuild even if the cached model is complete")] = False,
+    seed: Annotated[int, typer.Option(help="seed of the data split, head init and training")] = 0,
+) -> None:
+    """Build a default model into the cache (reused if already built)."""
+    builder = BUILDERS.get(name)
+    if builder is None:
+        raise BadInputError(f"unknown model {name!r}", hint=f"choose one of: {', '.join(BUILDERS)}")
+    path = builder(force, seed)
+    typer.echo(str(path))
+
+
+@app.command("list")
+@handle_errors
+def list_models() -> None:
+    """List the cached models: name, size on disk and folder."""
+    from lorsu_edge.zoo.cache import list_cached, models_home
+
+    models = list_cached()
+    if not models:
+        typer.echo(f"no models cached in {models_home()}; build one with: lorsu-edge models build dual")
+        return
+    width = max(len(m.name) for m in models)
+    for m in models:
+        typer.echo(f"{m.name:<{width}}  {m.size_bytes / 2**20:8.1f} MiB  {m.path}")
