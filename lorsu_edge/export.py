@@ -392,8 +392,10 @@ def violations(p: Parity, tol: Tolerance) -> list[str]:
 def torch_reference(model: nn.Module, spec: EncoderSpec, pixel_values: torch.Tensor,
                     with_projector: bool) -> np.ndarray:
     """The PyTorch output the export must reproduce (the consumer's own code path, not the traced wrapper)."""
+    device = next(spec.tower.parameters()).device
     with torch.no_grad():
-        return consumer.image_features(model, spec, pixel_values, with_projector).float().cpu().numpy()
+        out = consumer.image_features(model, spec, pixel_values.to(device), with_projector)
+    return out.float().cpu().numpy()
 
 
 def prove(model_bytes: bytes, refs: dict[int, tuple[torch.Tensor, np.ndarray]], precision: str,
@@ -534,7 +536,8 @@ def export_onnx(model: nn.Module, spec: EncoderSpec, processor: Any, out: Path, 
     with _eval_mode(module):
         refs = {b: (px, torch_reference(model, spec, px, with_projector)) for b, px in batches.items()}
         name = output_name(spec, with_projector)
-        fp32 = trace_fp32(module, batches[max(batches)], opset, name)
+        example = batches[max(batches)].to(next(spec.tower.parameters()).device)  # trace where the model lives
+        fp32 = trace_fp32(module, example, opset, name)
     if len(fp32) > PROTOBUF_LIMIT:
         raise UnsupportedModelError(f"the encoder graph is {len(fp32) / 2**30:.1f} GiB, over ONNX's 2 GiB limit",
                                     hint="models this large need external-data export, which lorsu-edge lacks")

@@ -403,3 +403,19 @@ def test_reinitialised_tower_is_refused(tmp_path):
     r = _export("--workdir", str(tmp_path / "none"), "--base", "--model", str(model_dir), "--out", str(out))
     assert r.exit_code == 3 and "were not in the checkpoint" in r.output
     assert not out.exists()
+
+
+# --- the benchmark script ---------------------------------------------------------------------------------
+
+
+def test_bench_export_smoke(tmp_path):
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_export.py"), "--smoke", "--threads", "1",
+                          "--results-dir", str(tmp_path)], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert run.returncode == 0, run.stderr
+    doc = json.loads((tmp_path / "bench_export_smoke.json").read_text())
+    cells = {(r["engine"], r["batch"]) for r in doc["rows"]}
+    assert cells == {(e, b) for e in ("pytorch eager fp32", "onnxruntime fp32", "onnxruntime int8") for b in (1, 8)}
+    for r in doc["rows"]:
+        assert r["median_ms"] > 0 and r["per_image_ms"] == pytest.approx(r["median_ms"] / r["batch"])
+    assert set(doc["exports"]) == {"fp32", "int8"} and all(e["bytes"] > 0 for e in doc["exports"].values())
+    assert "onnxruntime int8" in run.stdout  # the printed table

@@ -1,0 +1,176 @@
+#!/usr/bin/env python3
+"""Export benchmark: PyTorch eager vs onnxruntime fp32 vs int8 (CPU), batch 1 and 8, plus file sizes.
+
+The model is a CLIP vision encoder the size of ViT-B/16 (224 px, 12 blocks, hidden 768, 86M parameters)
+built from its config with random weights: latency and size do not depend on the weights' values.
+Every ratio in the table comes from this one run on this machine (same threads for torch and onnxruntime).
+The exports go through `lorsu_edge.export.export_onnx`, so each one is also proven against PyTorch.
+
+    python benchmarks/bench_export.py                  # ViT-B/16, writes benchmarks/results/bench_export.json
+    python benchmarks/bench_export.py --smoke          # tiny model, seconds (what the test runs)
+    python benchmarks/bench_export.py --threads 4 --fp16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lorsu_edge.consumer import image_features
+from lorsu_edge.export import export_onnx
+from lorsu_edge.families import find_encoder
+
+RESULTS = Path(__file__).resolve().parent / "results"
+VIT_B16 = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+               image_size=224, patch_size=16)
+TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=32,
+            patch_size=8)
+
+
+def build(smoke: bool):
+    """A CLIP vision encoder (random weights) and a matching image processor."""
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    cfg = TINY if smoke else VIT_B16
+    torch.manual_seed(0)
+    model = CLIPVisionModel(CLIPVisionConfig(**cfg)).eval()
+    size = cfg["image_size"]
+    proc = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    return model, proc, cfg
+
+
+def time_interleaved(calls: dict[str, Any], repeats: int, warmup: int = 2) -> dict[str, dict[str, float]]:
+    """Median and min wall time (ms) of each call, measured round-robin.
+
+    Interleaving makes the ratios fair on a shared machine: a burst of load from another process slows
+    every engine in that round, instead of whichever engine happened to be measured at the time.
+    """
+    for fn in calls.values():
+        for _ in range(warmup):
+            fn()
+    runs: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(repeats):
+        for name, fn in calls.items():
+            t = time.perf_counter()
+            fn()
+            runs[name].append((time.perf_counter() - t) * 1e3)
+    return {name: {"median_ms": statistics.median(r), "min_ms": min(r), "repeats": repeats} for name, r in runs.items()}
+
+
+def ort_session(path: Path, threads: int):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def _eager(model, spec, px):
+    def call():
+        with torch.inference_mode():
+            image_features(model, spec, px)
+    return call
+
+
+def _ort(session, px):
+    feed = {"pixel_values": px.numpy()}
+    return lambda: session.run(None, feed)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    load_before = os.getloadavg()[0]  # other processes' load makes absolute times unreliable: record it
+    torch.set_num_threads(args.threads)
+    model, proc, cfg = build(args.smoke)
+    spec = find_encoder(model)
+    precisions = ["fp32", "int8"] + (["fp16"] if args.fp16 else [])
+    exports: dict[str, Any] = {}
+    gen = torch.Generator().manual_seed(0)
+    inputs = {b: torch.randn(b, 3, cfg["image_size"], cfg["image_size"], generator=gen) for b in args.batches}
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        sessions = {}
+        for prec in precisions:
+            res = export_onnx(model, spec, proc, Path(tmp) / f"enc-{prec}.onnx", precision=prec)
+            exports[prec] = {"bytes": res.size_bytes, "export_seconds": round(res.seconds, 2),
+                             "min_cosine": min(p.min_cosine for p in res.parity),
+                             "max_rel_abs": max(p.rel_max_abs for p in res.parity)}
+            sessions[f"onnxruntime {prec}"] = ort_session(res.path, args.threads)
+        for b, px in inputs.items():
+            calls = {"pytorch eager fp32": _eager(model, spec, px)}
+            calls.update({name: _ort(sess, px) for name, sess in sessions.items()})
+            for name, timing in time_interleaved(calls, args.repeats).items():
+                rows.append({"engine": name, "batch": b, **timing})
+    torch_ms = {r["batch"]: r["median_ms"] for r in rows if r["engine"].startswith("pytorch")}
+    for r in rows:
+        r["per_image_ms"] = r["median_ms"] / r["batch"]
+        r["speedup_vs_pytorch"] = torch_ms[r["batch"]] / r["median_ms"]
+    return {
+        "benchmark": "bench_export", "smoke": args.smoke, "model": "tiny CLIP vision" if args.smoke else
+        "CLIP ViT-B/16 vision (random weights)", "config": cfg,
+        "params": sum(p.numel() for p in model.parameters()), "threads": args.threads,
+        "pytorch_bytes_fp32": sum(p.numel() * 4 for p in model.parameters()),
+        "exports": exports, "rows": rows, "env": env_info(),
+        "loadavg_1min": {"start": load_before, "end": os.getloadavg()[0]},
+    }
+
+
+def env_info() -> dict[str, Any]:
+    import onnxruntime
+    import transformers
+
+    return {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
+            "transformers": transformers.__version__, "python": platform.python_version(),
+            "machine": platform.machine(), "cpu_count": os.cpu_count(), "processor": platform.processor(),
+            "date": time.strftime("%Y-%m-%d")}
+
+
+def table(doc: dict[str, Any]) -> str:
+    load = doc["loadavg_1min"]
+    lines = [f"{doc['model']}: {doc['params']:,} params, {doc['threads']} thread(s), "
+             f"{doc['env']['cpu_count']} CPUs, load average {load['start']:.1f} -> {load['end']:.1f}",
+             f"{'engine':<22}{'batch':>6}{'median ms':>12}{'ms/image':>10}{'vs torch':>10}"]
+    for r in doc["rows"]:
+        lines.append(f"{r['engine']:<22}{r['batch']:>6}{r['median_ms']:>12.2f}{r['per_image_ms']:>10.2f}"
+                     f"{r['speedup_vs_pytorch']:>9.2f}x")
+    lines.append(f"{'file':<10}{'MiB':>10}{'vs fp32':>10}{'export s':>10}{'min cosine':>13}{'rel max|diff|':>15}")
+    fp32 = doc["exports"]["fp32"]["bytes"]
+    for prec, e in doc["exports"].items():
+        lines.append(f"{prec:<10}{e['bytes'] / 2**20:>10.2f}{e['bytes'] / fp32:>10.2f}{e['export_seconds']:>10.1f}"
+                     f"{e['min_cosine']:>13.6f}{e['max_rel_abs']:>15.2e}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--smoke", action="store_true", help="tiny model, 2 repeats: checks the script runs")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="threads for torch and onnxruntime alike (1: stable numbers on a shared machine)")
+    ap.add_argument("--repeats", type=int, default=None, help="timed runs per cell (default 7; 2 with --smoke)")
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--fp16", action="store_true", help="also export fp16 (CPU latency is not representative)")
+    ap.add_argument("--results-dir", type=Path, default=RESULTS)
+    args = ap.parse_args(argv)
+    args.repeats = args.repeats or (2 if args.smoke else 7)
+    doc = run(args)
+    print(table(doc))
+    args.results_dir.mkdir(parents=True, exist_ok=True)
+    out = args.results_dir / f"bench_export{'_smoke' if args.smoke else ''}.json"
+    out.write_text(json.dumps(doc, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
