@@ -48,6 +48,7 @@ class AdaptOptions:
     model: str | None = None
     loss: str | None = None
     text_model: str | None = None
+    templates: tuple[str, ...] = ()  # caption templates; default: DIR/templates.txt, else the built-in ones
     quantize: str = "auto"
     device: str = "auto"
     method: MethodConfig = field(default_factory=MethodConfig)
@@ -179,12 +180,13 @@ class _Progress:
 
 
 def run_session(opts: AdaptOptions, loaded: Loaded, samples: list[Sample], partial: Path,
-                device: torch.device, loss: str) -> dict[str, Any]:
+                device: torch.device, loss: str, templates: tuple[str, ...] = ()) -> dict[str, Any]:
     """Score, select, inject, train and merge on `samples`; write adapter + encoder into `partial`."""
     model, spec = loaded.model, loaded.spec
     precision = resolve_precision(opts.train.precision, device)
     autocast = autocast_factory(precision, device)
-    objective = make_objective(loss, model, spec, loaded.processor, seed=opts.train.seed)
+    objective = make_objective(loss, model, spec, loaded.processor, seed=opts.train.seed,
+                               templates=tuple(opts.templates) or templates or None)
     base_hash = tensors_hash(session_encoder(loaded))
     targets, counts = score_and_inject(loaded, objective, samples, opts, autocast)
     _, n_steps = step_plan(samples, opts.train)
@@ -302,7 +304,7 @@ def _adapt_locked(opts: AdaptOptions, wd: Workdir, start: float) -> AdaptResult:
             wd.update_settings(base_model=base)
         before = score_sets(loaded, eval_sets, device, precision)
         with wd.staged_session() as partial:
-            body = run_session(opts, loaded, fresh, partial, device, loss)
+            body = run_session(opts, loaded, fresh, partial, device, loss, sample_set.templates)
             accepted, reason, scores = guard(before, score_sets(loaded, eval_sets, device, precision),
                                              opts.max_forgetting)
             report = {

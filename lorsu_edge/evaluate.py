@@ -64,10 +64,11 @@ def class_embeddings(loaded: Loaded, labels: list[str], templates: tuple[str, ..
 
 
 @torch.no_grad()
-def _dual_predictions(loaded: Loaded, samples: list[Sample], batch_size: int, autocast) -> list[int]:
+def _dual_predictions(loaded: Loaded, samples: list[Sample], batch_size: int, autocast,
+                      templates: tuple[str, ...]) -> list[int]:
     """Per sample: index of its best candidate among the label set (label rows) or its question's answers."""
     labels = sorted({s.label for s in samples if not s.is_vqa})
-    label_emb = class_embeddings(loaded, labels, DEFAULT_TEMPLATES) if labels else None
+    label_emb = class_embeddings(loaded, labels, templates) if labels else None
     answers: dict[str, list[str]] = {}
     for s in samples:
         if s.is_vqa:
@@ -115,9 +116,14 @@ def _vlm_hits(loaded: Loaded, samples: list[Sample], batch_size: int, autocast, 
 
 
 def evaluate(loaded: Loaded, samples: SampleSet | list[Sample], batch_size: int = 32,
-             autocast: type[AbstractContextManager] | None = None, max_new_tokens: int = 12) -> EvalResult:
-    """Accuracy of the loaded model on `samples` (see module docstring for the metric per model kind)."""
+             autocast: type[AbstractContextManager] | None = None, max_new_tokens: int = 12,
+             templates: tuple[str, ...] = ()) -> EvalResult:
+    """Accuracy of the loaded model on `samples` (see module docstring for the metric per model kind).
+
+    Zero-shot captions use `templates`, else the set's own templates.txt, else the built-in ones.
+    """
     items = samples.samples if isinstance(samples, SampleSet) else list(samples)
+    templates = templates or (samples.templates if isinstance(samples, SampleSet) else ()) or DEFAULT_TEMPLATES
     if not items:
         raise BadInputError("no samples to evaluate", hint="check the --control / --eval folder")
     autocast = autocast or nullcontext
@@ -127,7 +133,7 @@ def evaluate(loaded: Loaded, samples: SampleSet | list[Sample], batch_size: int 
         if loaded.role == "vlm":
             hits, metric = _vlm_hits(loaded, items, batch_size, autocast, max_new_tokens), "contains"
         elif loaded.role == "dual":
-            hits = _dual_predictions(loaded, items, batch_size, autocast)
+            hits = _dual_predictions(loaded, items, batch_size, autocast, templates)
             metric = "zero-shot" if all(not s.is_vqa for s in items) else "answer-choice"
         else:
             raise BadInputError("a bare image encoder cannot be evaluated without a text tower or a VLM",

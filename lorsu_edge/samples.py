@@ -34,6 +34,7 @@ from PIL import Image, ImageOps
 
 from lorsu_edge.errors import DataError
 
+TEMPLATES_NAME = "templates.txt"
 MANIFEST_NAME = "manifest.jsonl"
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 # Past this many, per-file warnings become one summary line: a folder of 5,000 broken files
@@ -79,6 +80,8 @@ class SampleSet:
     samples: list[Sample]
     skipped: list[tuple[Path, str]] = field(default_factory=list)
     """(file, reason) for every missing, unreadable, corrupt or duplicate image."""
+    templates: tuple[str, ...] = ()
+    """Caption templates from DIR/templates.txt (one per line, with `{label}`); () = the defaults."""
 
     @property
     def labels(self) -> list[str]:
@@ -121,7 +124,30 @@ def read_samples(root: Path, *, max_samples: int | None = None) -> SampleSet:
     root = _check_root(Path(root))
     manifest = root / MANIFEST_NAME
     rows = _read_manifest(manifest, root) if manifest.is_file() else _scan_folders(root)
-    return _verify(root, rows, max_samples)
+    sample_set = _verify(root, rows, max_samples)
+    sample_set.templates = read_templates(root / TEMPLATES_NAME)
+    return sample_set
+
+
+def read_templates(path: Path) -> tuple[str, ...]:
+    """Caption templates, one per line, each with a `{label}` placeholder (blank lines and # comments skipped)."""
+    if not path.is_file():
+        return ()
+    lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
+    return check_templates(tuple(ln for ln in lines if ln and not ln.startswith("#")), str(path))
+
+
+def check_templates(templates: tuple[str, ...], where: str) -> tuple[str, ...]:
+    """Each template must format with `label=` alone and contain `{label}`."""
+    for t in templates:
+        try:
+            ok = "{label}" in t and bool(t.format(label="x"))
+        except (KeyError, IndexError, ValueError):
+            ok = False
+        if not ok:
+            raise DataError(f"{where}: template {t!r} needs a {{label}} placeholder and no other braces",
+                            hint='write e.g. "a photo of a {label}."')
+    return templates
 
 
 def load_image(path: Path) -> Image.Image:

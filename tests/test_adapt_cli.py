@@ -164,6 +164,7 @@ def test_corrupt_image_is_skipped_and_counted(tmp_path, clip_dir):
     (["--loss", "mse"], "--loss"),
     (["--quantize", "3bit"], "--quantize"),
     (["--precision", "fp16", "--device", "cpu"], "fp16"),
+    (["--template", "a photo of {thing}"], "{label}"),
 ])
 def test_bad_options(tmp_path, clip_dir, flags, needle):
     r = _bad(tmp_path, clip_dir, *flags)

@@ -11,6 +11,7 @@ import typer
 from lorsu_edge.cli.errors import handle_errors
 from lorsu_edge.config import MethodConfig, field_help
 from lorsu_edge.errors import BadInputError, ExitCode
+from lorsu_edge.samples import check_templates
 from lorsu_edge.train import TrainConfig
 
 
@@ -35,6 +36,8 @@ def command(
     loss: Annotated[str | None, typer.Option(help="clip | ppl (default: clip for dual encoders, ppl for VLMs)")] = None,
     text_model: Annotated[str | None, typer.Option(help="for --loss clip on a VLM: the dual encoder its tower came "
                                                        "from (its text tower scores captions; the LLM is not loaded)")] = None,
+    template: Annotated[list[str] | None, typer.Option(help="caption template with {label} (repeatable; default: "
+                                                          "DIR/templates.txt, else built-in ones)")] = None,
     quantize: Annotated[str, typer.Option(help="LLM quantization: auto | 4bit | 8bit | none")] = "auto",
     method: Annotated[str, typer.Option(help=_m("method"))] = "lorsu",
     sparsity: Annotated[float, typer.Option(help=_m("sparsity"))] = 0.1,
@@ -67,7 +70,8 @@ def command(
 
     try:
         opts = AdaptOptions(
-            data=data, workdir=workdir, model=model, loss=loss, text_model=text_model, quantize=quantize, device=device,
+            data=data, workdir=workdir, model=model, loss=loss, text_model=text_model,
+            templates=check_templates(tuple(template or ()), "--template"), quantize=quantize, device=device,
             method=MethodConfig(method, sparsity, top_k_heads, rank, alpha, importance_samples),
             train=TrainConfig(epochs, batch_size, None, lr, weight_decay, warmup_ratio, max_grad_norm,
                               precision, seed),
