@@ -32,8 +32,9 @@ def _root(
 
 
 def _register() -> None:
-    from lorsu_edge.cli import adapt, history, models, rollback
+    from lorsu_edge.cli import adapt, demo, history, models, rollback
 
+    app.command("demo")(demo.command)
     app.command("adapt")(adapt.command)
     app.command("history")(history.command)
     app.command("rollback")(rollback.command)
