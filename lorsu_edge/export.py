@@ -34,7 +34,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -115,7 +115,6 @@ class ExportResult:
     metadata: dict[str, Any]
     size_bytes: int
     seconds: float
-    notes: list[str] = field(default_factory=list)
 
 
 # --- what gets traced ---------------------------------------------------------------------------------
