@@ -198,3 +198,30 @@ def get_profile(name_or_path: str | Path) -> Profile:
 def host_profile() -> Profile:
     """The `cpu` profile (this machine's RAM): the default when no profile is given and there is no GPU."""
     return get_profile("cpu")
+
+
+def detect_profile() -> Profile:
+    """A profile for the machine this runs on: `cpu` without CUDA; on a Jetson-like integrated GPU the
+    shipped unified profile closest in memory; on a discrete GPU one built from its properties."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return get_profile("cpu")
+    props = torch.cuda.get_device_properties(0)
+    if getattr(props, "is_integrated", False):
+        unified = [p for p in list_profiles() if p.unified and p.device == "cuda"]
+        return min(unified, key=lambda p: abs(p.total_memory - props.total_memory))
+    dtypes = ("bf16", "fp16", "fp32") if props.major >= 8 else ("fp16", "fp32")
+    return Profile(name="detected-gpu", title=f"{props.name} (detected)", device="cuda",
+                   total_memory=int(props.total_memory), unified=False, reserve=parse_size("0.5GiB"),
+                   runtime_overhead=parse_size("0.6GiB"), compute_dtypes=dtypes, bnb_4bit=True,
+                   note="built from torch.cuda.get_device_properties; pass --profile for a tuned one")
+
+
+def resolve(name_or_path: str | Path | Profile | None) -> Profile:
+    """`--profile` as the CLI takes it: a Profile, a name, a .toml path, or None / "auto" (detect)."""
+    if isinstance(name_or_path, Profile):
+        return name_or_path
+    if name_or_path is None or str(name_or_path) == "auto":
+        return detect_profile()
+    return get_profile(name_or_path)
