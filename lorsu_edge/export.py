@@ -48,6 +48,7 @@ from lorsu_edge import consumer, merge
 from lorsu_edge.atomic import TEMP_MARK, fsync_dir, storage_errors
 from lorsu_edge.errors import BadInputError, ExportMismatchError, UnsupportedModelError
 from lorsu_edge.families import EncoderSpec
+from lorsu_edge.load import SessionRef, load_session_model, resolve_session
 
 PRECISIONS = ("fp32", "fp16", "int8")
 DEFAULT_OPSET = 17
@@ -637,71 +638,7 @@ class ExportRequest:
     """How to load the VLM's language model (never exported; 4-bit keeps loading cheap)."""
 
 
-@dataclass
-class Resolved:
-    """What an ExportRequest points at."""
-
-    workdir: Any  # lorsu_edge.session.Workdir | None
-    base_model: str
-    session: str | None
-    report: dict[str, Any]
-
-
-def resolve_request(req: ExportRequest) -> Resolved:
-    """Find the workdir, base model and session to export (BadInputError with a hint when impossible)."""
-    from lorsu_edge.session import REPORT_FILE, WORKDIR_FILE, Workdir
-
-    if req.base and req.session is not None:
-        raise BadInputError("--base and --session exclude each other", hint="pass one of them")
-    has_wd = (Path(req.workdir) / WORKDIR_FILE).exists()
-    wd = Workdir.open(req.workdir) if has_wd or not (req.base and req.model) else None
-    remembered = wd.settings().get("base_model") if wd else None
-    if req.model and remembered and req.model != remembered:
-        raise BadInputError(f"workdir {req.workdir} adapts {remembered}, not {req.model}",
-                            hint="drop --model, or pass the workdir of that model")
-    base_model = req.model or remembered
-    if not base_model:
-        raise BadInputError(f"workdir {req.workdir} has no base model yet", hint="pass --model, or run adapt first")
-    sid = None if (req.base or wd is None) else (wd.session(req.session).id if req.session is not None
-                                                  else wd.current())
-    report: dict[str, Any] = {}
-    if sid is not None:
-        info = wd.session(sid)
-        if not info.accepted:
-            raise BadInputError(f"session {sid} was rejected ({info.reason or 'no reason given'})",
-                                hint="export an accepted session (see `lorsu-edge history`) or --base")
-        report = json.loads((info.path / REPORT_FILE).read_text()) if (info.path / REPORT_FILE).is_file() else {}
-    return Resolved(wd, base_model, sid, report)
-
-
-def _session_encoder(loaded: Any, res: Resolved) -> None:
-    """Put the session's merged encoder into the loaded base model and prove it is exactly that encoder."""
-    from lorsu_edge.load import apply_encoder
-    from lorsu_edge.session import ENCODER_FILE
-
-    if res.session is None:
-        _check_base(loaded, res)
-        return
-    apply_encoder(loaded, res.workdir.session_dir(res.session) / ENCODER_FILE)
-    expected = res.report.get("encoder_sha256")
-    actual = merge.tensors_hash(merge.encoder_state_dict(loaded.model, loaded.spec))
-    if expected and expected != actual:
-        raise BadInputError(f"session {res.session}'s encoder does not reproduce its recorded hash",
-                            hint="the session files or the base model changed since it was trained")
-
-
-def _check_base(loaded: Any, res: Resolved) -> None:
-    """The base model must be the one the workdir's first session started from (when there is one)."""
-    if res.workdir is None:
-        return
-    started = [r for r in res.workdir.history() if r.get("parent") is None and r.get("base_encoder_sha256")]
-    if started and started[0]["base_encoder_sha256"] != merge.tensors_hash(
-            merge.encoder_state_dict(loaded.model, loaded.spec)):
-        raise BadInputError(f"the base model {res.base_model} changed since session {started[0]['id']} was "
-                            "trained on it", hint="restore the original base model folder")
-
-
-def _proof_images(req: ExportRequest, res: Resolved) -> list[Path]:
+def _proof_images(req: ExportRequest, res: SessionRef) -> list[Path]:
     """Up to 3 real images for the proof: --images, else the session's data folder if it still exists."""
     from lorsu_edge.errors import DataError
     from lorsu_edge.samples import read_samples
@@ -717,22 +654,19 @@ def _proof_images(req: ExportRequest, res: Resolved) -> list[Path]:
         return []
 
 
-def default_out(req: ExportRequest, res: Resolved) -> Path:
+def default_out(req: ExportRequest, res: SessionRef) -> Path:
     """<workdir>/exports/encoder-<session|base>-<precision>[-projector].onnx (cwd when there is no workdir)."""
     root = res.workdir.root if res.workdir is not None else Path.cwd()
     suffix = "-projector" if req.with_projector else ""
     return root / "exports" / f"encoder-{res.session or 'base'}-{req.precision}{suffix}.onnx"
 
 
-def export_request(req: ExportRequest) -> tuple[ExportResult, Resolved]:
+def export_request(req: ExportRequest) -> tuple[ExportResult, SessionRef]:
     """The `lorsu-edge export` recipe: resolve -> load (completeness checked) -> session encoder -> export."""
-    from lorsu_edge.load import load_model
-
     if req.precision not in PRECISIONS:  # before the (slow) load
         raise BadInputError(f"--precision must be one of {', '.join(PRECISIONS)}, got {req.precision!r}")
-    res = resolve_request(req)
-    loaded = load_model(res.base_model, req.quantize, device="cpu")
-    _session_encoder(loaded, res)
+    res = resolve_session(req.workdir, req.session, req.base, req.model)
+    loaded = load_session_model(res, req.quantize)
     meta = {"base_model": res.base_model, "session_id": res.session,
             "method": res.report.get("method", "none (base model)" if res.session is None else None),
             "parent_session": res.report.get("parent_session")}

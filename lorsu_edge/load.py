@@ -8,6 +8,7 @@ tower, and exporting or adapting random weights must never happen unnoticed.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import warnings
@@ -20,6 +21,7 @@ from torch import nn
 
 from lorsu_edge.errors import BadInputError, UnsupportedModelError
 from lorsu_edge.families import FAMILIES, EncoderSpec, find_encoder
+from lorsu_edge.merge import encoder_state_dict, tensors_hash
 
 log = logging.getLogger(__name__)
 
@@ -300,3 +302,77 @@ def _tower_mismatch(vlm: dict[str, torch.Tensor], dual: dict[str, torch.Tensor],
         if tuple(vlm[short].shape) != tuple(dual[full].shape):
             return f"{short} is {tuple(vlm[short].shape)} in the VLM, {tuple(dual[full].shape)} in the dual encoder"
     return None
+
+
+@dataclass
+class SessionRef:
+    """A workdir's base model and one of its sessions (None: the base model itself)."""
+
+    workdir: Any  # lorsu_edge.session.Workdir | None
+    base_model: str
+    session: str | None
+    report: dict[str, Any]
+
+
+def resolve_session(workdir: Path, session: str | None = None, base: bool = False,
+                    model: str | None = None) -> SessionRef:
+    """Find the workdir, base model and session (`--session`, `--base`, else the current model);
+    BadInputError with a hint when impossible (no workdir, another model, a rejected session)."""
+    from lorsu_edge.session import REPORT_FILE, WORKDIR_FILE, Workdir
+
+    if base and session is not None:
+        raise BadInputError("--base and --session exclude each other", hint="pass one of them")
+    has_wd = (Path(workdir) / WORKDIR_FILE).exists()
+    wd = Workdir.open(workdir) if has_wd or not (base and model) else None
+    remembered = wd.settings().get("base_model") if wd else None
+    if model and remembered and model != remembered:
+        raise BadInputError(f"workdir {workdir} adapts {remembered}, not {model}",
+                            hint="drop --model, or pass the workdir of that model")
+    base_model = model or remembered
+    if not base_model:
+        raise BadInputError(f"workdir {workdir} has no base model yet", hint="pass --model, or run adapt first")
+    sid = None if (base or wd is None) else (wd.session(session).id if session is not None
+                                                  else wd.current())
+    report: dict[str, Any] = {}
+    if sid is not None:
+        info = wd.session(sid)
+        if not info.accepted:
+            raise BadInputError(f"session {sid} was rejected ({info.reason or 'no reason given'})",
+                                hint="export an accepted session (see `lorsu-edge history`) or --base")
+        report = json.loads((info.path / REPORT_FILE).read_text()) if (info.path / REPORT_FILE).is_file() else {}
+    return SessionRef(wd, base_model, sid, report)
+
+
+def apply_session(loaded: Loaded, res: SessionRef) -> None:
+    """Put the session's merged encoder into the loaded base model and prove it is exactly that encoder."""
+    from lorsu_edge.session import ENCODER_FILE
+
+    if res.session is None:
+        _check_base(loaded, res)
+        return
+    apply_encoder(loaded, res.workdir.session_dir(res.session) / ENCODER_FILE)
+    expected = res.report.get("encoder_sha256")
+    actual = tensors_hash(encoder_state_dict(loaded.model, loaded.spec))
+    if expected and expected != actual:
+        raise BadInputError(f"session {res.session}'s encoder does not reproduce its recorded hash",
+                            hint="the session files or the base model changed since it was trained")
+
+
+def _check_base(loaded: Loaded, res: SessionRef) -> None:
+    """The base model must be the one the workdir's first session started from (when there is one)."""
+    if res.workdir is None:
+        return
+    started = [r for r in res.workdir.history() if r.get("parent") is None and r.get("base_encoder_sha256")]
+    if started and started[0]["base_encoder_sha256"] != tensors_hash(
+            encoder_state_dict(loaded.model, loaded.spec)):
+        raise BadInputError(f"the base model {res.base_model} changed since session {started[0]['id']} was "
+                            "trained on it", hint="restore the original base model folder")
+
+
+
+
+def load_session_model(res: SessionRef, quantize: str = "auto", device: str = "cpu") -> Loaded:
+    """The base model with the session's merged encoder in it, verified against the session's hash."""
+    loaded = load_model(res.base_model, quantize, device=device)
+    apply_session(loaded, res)
+    return loaded

@@ -37,7 +37,7 @@ def tiny_model(kind: str, seed: int = 0, vocab_size: int = 300) -> torch.nn.Modu
     elif kind == "vit":
         m = tf.ViTModel(tf.ViTConfig(**v))
     elif kind == "blip_vision":
-        m = tf.BlipVisionModel(tf.BlipVisionConfig(**v))
+        m = tf.BlipVisionModel(tf.BlipVisionConfig(**v, initializer_range=0.02))  # its default is 1e-10
     elif kind == "llava":
         lm = tf.LlamaConfig(**_T, num_key_value_heads=4, vocab_size=vocab_size, max_position_embeddings=256)
         m = tf.LlavaForConditionalGeneration(tf.LlavaConfig(

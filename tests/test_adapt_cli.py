@@ -248,3 +248,18 @@ def test_forgetting_guard_rejects_and_keeps_the_current_model(tmp_path, clip_dir
     assert json.loads((wd / "current.json").read_text())["session"] == "0001"
     report = json.loads((_session(wd, "0002") / "report.json").read_text())
     assert report["control_accuracy_before"] == pytest.approx(first["control_accuracy"])
+
+
+def test_eval_verb_scores_base_and_session(tmp_path, clip_dir):
+    data = write_toy_images(tmp_path / "d")
+    wd = tmp_path / "runs"
+    assert _adapt("--data", str(data), "--workdir", str(wd), "--model", str(clip_dir), "--epochs", "1",
+                  *FAST).exit_code == 0
+    for extra in (["--base"], [], ["--session", "0001"]):
+        r = runner.invoke(app, ["eval", "--data", str(data), "--workdir", str(wd), "--json", *extra])
+        assert r.exit_code == 0, r.output
+        line = json.loads(r.output.strip().splitlines()[-1])
+        assert line["total"] == 8 and 0 <= line["accuracy"] <= 1 and line["metric"] == "zero-shot"
+        assert line["session"] == (None if extra == ["--base"] else "0001")
+    bad = runner.invoke(app, ["eval", "--data", str(data), "--workdir", str(wd), "--session", "0042"])
+    assert bad.exit_code == 3 and "0042" in bad.output
