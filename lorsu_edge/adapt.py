@@ -8,6 +8,7 @@ any point leaves the previous current model in place.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -237,11 +238,35 @@ def load_eval_sets(opts: AdaptOptions, wd: Workdir) -> dict[str, SampleSet]:
     return sets
 
 
-def score_sets(loaded: Loaded, sets: dict[str, SampleSet], device: torch.device, precision: str) -> dict[str, float]:
+def set_fingerprint(samples: SampleSet) -> str:
+    """Identity of an evaluation set: its images, labels, questions, answers and caption templates."""
+    rows = sorted((s.sha256, s.label or "", s.question or "", s.answer or "") for s in samples.samples)
+    return hashlib.sha256(json.dumps([rows, list(samples.templates)]).encode()).hexdigest()
+
+
+def known_scores(wd: Workdir, current: str | None) -> dict[str, tuple[str, float]]:
+    """The current model's scores as its own session recorded them: {set name: (fingerprint, accuracy)}."""
+    if current is None:
+        return {}
+    path = wd.session_dir(current) / REPORT_FILE
+    report = json.loads(path.read_text()) if path.is_file() else {}
+    return {name: (report[f"{name}_set_sha256"], report[f"{name}_accuracy"]) for name in ("control", "target")
+            if f"{name}_set_sha256" in report and f"{name}_accuracy" in report}
+
+
+def score_sets(loaded: Loaded, sets: dict[str, SampleSet], device: torch.device, precision: str,
+               known: dict[str, tuple[str, float]] | None = None) -> dict[str, float]:
+    """Accuracy per set; a set the current model was already scored on (same fingerprint) is not re-run."""
     from lorsu_edge.evaluate import evaluate
 
     autocast = autocast_factory(precision, device)
-    return {name: evaluate(loaded, samples, autocast=autocast).accuracy for name, samples in sets.items()}
+    scores = {}
+    for name, samples in sets.items():
+        fingerprint, accuracy = (known or {}).get(name, (None, None))
+        if fingerprint != set_fingerprint(samples):
+            accuracy = evaluate(loaded, samples, autocast=autocast).accuracy
+        scores[name] = accuracy
+    return scores
 
 
 def guard(before: dict[str, float], after: dict[str, float], max_forgetting: float) -> tuple[bool, str, dict]:
@@ -302,7 +327,7 @@ def _adapt_locked(opts: AdaptOptions, wd: Workdir, start: float) -> AdaptResult:
             apply_encoder(loaded, wd.session_dir(current) / ENCODER_FILE)
         if not wd.settings().get("base_model"):
             wd.update_settings(base_model=base)
-        before = score_sets(loaded, eval_sets, device, precision)
+        before = score_sets(loaded, eval_sets, device, precision, known_scores(wd, current))
         with wd.staged_session() as partial:
             body = run_session(opts, loaded, fresh, partial, device, loss, sample_set.templates)
             accepted, reason, scores = guard(before, score_sets(loaded, eval_sets, device, precision),
@@ -315,6 +340,7 @@ def _adapt_locked(opts: AdaptOptions, wd: Workdir, start: float) -> AdaptResult:
                 "encoder_params": body.pop("encoder_params"), "method_config": opts.method.to_dict(),
                 "train_config": vars(opts.train), "quantize": loaded.quantize, "notes": loaded.notes,
                 "device": str(device), "lorsu_edge": __version__, **body, **scores,
+                **{f"{n}_set_sha256": set_fingerprint(ss) for n, ss in eval_sets.items()},
                 "accepted": accepted, "reason": reason,
                 "seconds": round(time.perf_counter() - start, 3), "peak_memory_bytes": peak_memory_bytes(device),
             }
