@@ -208,7 +208,10 @@ def inject_dense_reference(model: nn.Module, targets: list, rank: int, alpha: fl
 
 def run_child(script: Path, payload: dict[str, Any], timeout: float = 1800) -> dict[str, Any]:
     """Run `script --child JSON` in a fresh interpreter; return its JSON result plus `child_peak_rss_bytes`
-    (ru_maxrss of that process from `os.wait4`). Raises RuntimeError with the child's stderr on failure."""
+    (ru_maxrss of that process from `os.wait4`). Raises RuntimeError with the child's stderr on failure.
+
+    Writing 5 to /proc/self/clear_refs resets ru_maxrss as well as VmHWM (measured): a child that resets
+    must report its earlier peak itself (`setup_peak_rss_bytes`); see `peak_rss`."""
     from lorsu_edge.memory import child_peak_rss_bytes
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -234,6 +237,12 @@ def run_child(script: Path, payload: dict[str, Any], timeout: float = 1800) -> d
         result = json.loads(out.read_text())
     result["child_peak_rss_bytes"] = child_peak_rss_bytes(usage)
     return result
+
+
+def peak_rss(result: dict[str, Any]) -> int:
+    """The child's whole-life peak: wait4's ru_maxrss, or a peak the child read before resetting it."""
+    return max(result.get(k, 0) for k in ("child_peak_rss_bytes", "setup_peak_rss_bytes",
+                                          "train_peak_rss_bytes", "step_peak_rss_bytes"))
 
 
 def child_payload(argv: list[str] | None) -> dict[str, Any] | None:

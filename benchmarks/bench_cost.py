@@ -148,11 +148,12 @@ def child(p: dict[str, Any]) -> dict[str, Any]:
     opt = make_optimizer(params, TrainConfig(lr=1e-5))
     model.train()
     release_free_memory()
+    setup_peak = peak_rss_bytes()  # read before the reset: clearing VmHWM also resets ru_maxrss (wait4 included)
     rss_before = current_rss_bytes()
     reset_peak()
-    times, grads_b = [], 0
+    times, cpu, grads_b = [], [], 0
     for _ in range(p["warmup"] + p["steps"]):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         with autocast():
             loss = loss_fn(model, px)
         loss.backward()
@@ -161,6 +162,7 @@ def child(p: dict[str, Any]) -> dict[str, Any]:
         opt.step()
         opt.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t)
+        cpu.append(time.process_time() - c)  # CPU seconds of all threads: less skewed by other processes
     timed = times[p["warmup"]:]
     return {**p, **info, "model_desc": desc, "image_size": size, "spec_blocks": len(spec.blocks),
             "encoder_params": sum(q.numel() for q in spec.tower.parameters()),
@@ -168,7 +170,9 @@ def child(p: dict[str, Any]) -> dict[str, Any]:
             "grad_bytes": grads_b, "mask_bytes": C.buffer_bytes(model, ("mask", "grad_mask")),
             "index_bytes": C.buffer_bytes(model, ("indices", "rows")),
             "step_s_median": statistics.median(timed), "step_s_min": min(timed), "step_s_all": times,
-            "build_s": build_s, "rss_before_train_bytes": rss_before, "train_peak_rss_bytes": peak_rss_bytes(),
+            "step_cpu_s_median": statistics.median(cpu[p["warmup"]:]), "step_cpu_s_all": cpu,
+            "build_s": build_s, "setup_peak_rss_bytes": setup_peak, "rss_before_train_bytes": rss_before,
+            "train_peak_rss_bytes": peak_rss_bytes(),
             "loss_last": float(loss.detach())}
 
 
@@ -199,9 +203,11 @@ def run(args) -> dict[str, Any]:
             rows.append(C.run_child(Path(__file__), {**base, "model": model, "method": method}))
         ref = next((r for r in rows if r["method"] == "lorsu"), rows[0])
         for r in rows:
+            r["peak_rss_bytes"] = C.peak_rss(r)
             r["train_extra_rss_bytes"] = r["train_peak_rss_bytes"] - r["rss_before_train_bytes"]
             r["step_vs_lorsu"] = r["step_s_median"] / ref["step_s_median"]
-            r["peak_vs_lorsu"] = r["child_peak_rss_bytes"] / ref["child_peak_rss_bytes"]
+            r["cpu_vs_lorsu"] = r["step_cpu_s_median"] / ref["step_cpu_s_median"]
+            r["peak_vs_lorsu"] = r["peak_rss_bytes"] / ref["peak_rss_bytes"]
         results[model] = rows
     return {"benchmark": "bench_cost", "smoke": args.smoke, "settings": base, "results": results,
             "skipped": skipped, "loadavg_before": load_before, "loadavg_after": loadavg(), "env": C.env_info(),
@@ -213,17 +219,22 @@ def table(doc: dict[str, Any]) -> str:
     lines = [f"batch {s['batch']}, {s['precision']} autocast, {s['threads']} threads, median of {s['steps']} steps "
              f"after {s['warmup']} warm-up; loadavg before {doc['loadavg_before']} after {doc['loadavg_after']}"]
     for model, rows in doc["results"].items():
-        lines += [f"\n{rows[0]['model_desc']}, {rows[0]['image_size']} px, encoder {C.fmt_count(rows[0]['encoder_params'])} params",
-                  f"{'method':<11}{'step s':>8}{'vs lorsu':>9}{'trainable':>11}{'Adam state':>12}{'grads':>11}"
-                  f"{'masks':>11}{'peak RSS':>11}{'train +RSS':>12}"]
+        first = rows[0]
+        size, params = first["image_size"], C.fmt_count(first["encoder_params"])
+        lines += [f"\n{first['model_desc']}, {size} px, encoder {params} params",
+                  f"{'method':<11}{'step s':>8}{'vs lorsu':>9}{'cpu s':>8}{'vs lorsu':>9}{'trainable':>11}"
+                  f"{'Adam state':>12}{'grads':>11}{'masks':>11}{'peak RSS':>11}{'train +RSS':>12}"]
         for r in rows:
             lines.append(f"{r['method']:<11}{r['step_s_median']:>8.3f}{r['step_vs_lorsu']:>8.2f}x"
+                         f"{r['step_cpu_s_median']:>8.3f}{r['cpu_vs_lorsu']:>8.2f}x"
                          f"{C.fmt_count(r['trainable_params']):>11}{C.fmt_bytes(r['adam_state_bytes']):>12}"
                          f"{C.fmt_bytes(r['grad_bytes']):>11}{C.fmt_bytes(r['mask_bytes']):>11}"
-                         f"{C.fmt_bytes(r['child_peak_rss_bytes']):>11}{C.fmt_bytes(r['train_extra_rss_bytes']):>12}")
+                         f"{C.fmt_bytes(r['peak_rss_bytes']):>11}{C.fmt_bytes(r['train_extra_rss_bytes']):>12}")
     for model, why in doc["skipped"].items():
         lines.append(f"\n[{model}] {why}")
-    lines.append("\npeak RSS: whole child (wait4 ru_maxrss); train +RSS: training-phase peak above the RSS at its start.")
+    lines.append("\nstep s: wall time; cpu s: CPU time of all the child's threads (less skewed by other load).\n"
+                 "peak RSS: whole child (max of wait4 ru_maxrss and the pre-training VmHWM);\n"
+                 "train +RSS: training-phase peak above the RSS at its start.")
     return "\n".join(lines)
 
 

@@ -139,7 +139,8 @@ SETUPS = [
     Setup("spu", "clip", "SPU: sparse fc1 10%", _package_method(MethodConfig(method="spu", sparsity=0.1))),
     Setup("full-enc", "clip", "full image-tower fine-tuning", _package_method(MethodConfig(method="full"))),
     Setup("lorsu-ppl", "ppl", "LoRSU (perplexity loss through the frozen LLM)", _package_method(LORSU)),
-    Setup("llm-lora-qv-r8", "ppl", "LoRA r8 on LLM q/v (tower, projector frozen)", _llm_lora(("q_proj", "v_proj"), 8, 16)),
+    Setup("llm-lora-qv-r8", "ppl", "LoRA r8 on LLM q/v (tower, projector frozen)",
+          _llm_lora(("q_proj", "v_proj"), 8, 16)),
     Setup("llm-lora-all-r64", "ppl", "LoRA r64 on all LLM linears", _llm_lora(LLM_ALL, 64, 128)),
     Setup("llava-ft", "ppl", "LLM + projector full (LLaVA-1.5 recipe)", _llava_ft),
     Setup("full-vlm", "ppl", "full VLM update (tower + projector + LLM)", _everything),
@@ -265,22 +266,24 @@ def run(args) -> dict[str, Any]:
     warnings.simplefilter("ignore")
     rows = [count_setup(s, args.smoke) for s in SETUPS]
     by = {r["name"]: r for r in rows}
-    importance = {"lorsu-clip": count_importance("clip", True, True, args.smoke),
+    lorsu_clip_importance = count_importance("clip", True, True, args.smoke)
+    importance = {"lorsu-clip": lorsu_clip_importance, "dense-ref-clip": lorsu_clip_importance,  # same pass
                   "spu": count_importance("clip", True, False, args.smoke),
                   "lorsu-ppl": count_importance("ppl", True, True, args.smoke)}
     epochs = args.epochs
     for r in rows:
-        r["importance_flops"] = importance.get(r["name"], importance["lorsu-clip"] if r["name"] == "dense-ref-clip" else 0)
+        r["importance_flops"] = importance.get(r["name"], 0)
         # A session: one importance pass over the samples, then `epochs` training passes.
         r["session_flops_per_sample"] = r["importance_flops"] + epochs * r["flops"]
         r["full_vlm_over_this"] = by["full-vlm"]["flops"] / r["flops"]
     full = by["full-vlm"]
+    session = {name: r["session_flops_per_sample"] for name, r in by.items()}
     ratios = {
         "full_vlm/lorsu_clip": full["flops"] / by["lorsu-clip"]["flops"],
         "full_vlm/lorsu_ppl": full["flops"] / by["lorsu-ppl"]["flops"],
         "full_vlm/lorsu_clip_ideal_sparse": full["flops"] / by["lorsu-clip"]["ideal_flops"],
-        "full_vlm/lorsu_clip_per_session": full["session_flops_per_sample"] / by["lorsu-clip"]["session_flops_per_sample"],
-        "full_vlm/lorsu_ppl_per_session": full["session_flops_per_sample"] / by["lorsu-ppl"]["session_flops_per_sample"],
+        "full_vlm/lorsu_clip_per_session": session["full-vlm"] / session["lorsu-clip"],
+        "full_vlm/lorsu_ppl_per_session": session["full-vlm"] / session["lorsu-ppl"],
         "llm_lora_qv_r8/lorsu_clip": by["llm-lora-qv-r8"]["flops"] / by["lorsu-clip"]["flops"],
     }
     return {"benchmark": "bench_flops", "smoke": args.smoke, "epochs": epochs, "paper_claim": PAPER_CLAIM,
