@@ -7,8 +7,11 @@ not depend on the values), `lorsu_edge.plan.make_plan` predicts each phase, then
 runs with the plan's settings in a fresh child process. The child's peak RSS comes from `os.wait4`
 (ru_maxrss); per-phase peaks come from VmHWM, reset (`memory.reset_peak`) when each phase starts:
 load (`load_for_loss`), importance (`compute_importance`), train (`train`), merge (from `unload` to the
-committed session). RSS also counts file-backed pages of the mmap'd checkpoint, which the planner
-counts as weights once (an fp32 checkpoint loaded as fp32 is used in place).
+committed session). The child applies the plan's settings: micro-batch, `plan.apply_checkpointing`, and
+importance in the planned block groups (adapt itself does not group yet; `grouped` below does).
+Caveats of RSS: an fp32 checkpoint loaded as fp32 is used in place (mmap'd, paged in on first use, so
+"load" reads low), and glibc keeps freed blocks, so a phase never reads below the one before it: the
+whole-run peak is the figure to compare.
 
 Part 2 (config only): `make_plan` for llava-hf/llava-1.5-7b-hf, whose config.json is written here by hand
 from the published file (CLIP ViT-L/14-336 tower, Vicuna/Llama-2-7B LM, vision_feature_layer -2), on the
@@ -148,6 +151,7 @@ def child(payload: dict[str, Any]) -> None:
 
     peaks: dict[str, int] = {}
     current: list[str] = []
+    specs: list = []
 
     def phase(name: str, fn):
         def run(*args, **kwargs):
@@ -155,13 +159,15 @@ def child(payload: dict[str, Any]) -> None:
             reset_peak()
             current.append(name)
             result = fn(*args, **kwargs)
-            if name == "load" and payload["checkpointing"]:
-                apply_checkpointing(result.model, result.spec)
+            if name == "load":
+                specs.append(result.spec)
+                if payload["checkpointing"]:
+                    apply_checkpointing(result.model, result.spec)
             return result
         return run
 
     A.load_for_loss = phase("load", A.load_for_loss)
-    A.compute_importance = phase("importance", A.compute_importance)
+    A.compute_importance = phase("importance", grouped(A.compute_importance, payload["groups"], specs))
     A.train = phase("train", A.train)
     A.unload = phase("merge", A.unload)
     opts = A.AdaptOptions(
@@ -175,6 +181,26 @@ def child(payload: dict[str, Any]) -> None:
     Path(payload["out"]).write_text(json.dumps({"status": result.status, "phase_peaks": peaks,
                                                 "seconds": time.perf_counter() - start,
                                                 "trainable_params": result.report.get("trainable_params")}))
+
+
+def grouped(compute_importance, groups: int, specs: list):
+    """`score.compute_importance` one block group at a time, as the plan's importance_block_groups asks
+    (adapt does not group yet). The few benchmark batches are kept in a list to replay per group."""
+    from lorsu_edge.plan import block_groups
+
+    def run(model, paths, batches, loss_fn, max_samples, autocast):
+        if groups <= 1:
+            return compute_importance(model, paths, batches, loss_fn, max_samples, autocast)
+        batches, out, seen = list(batches), {}, 0
+        blocks = specs[-1].candidate_blocks
+        for ids in block_groups(len(blocks), groups):
+            prefixes = tuple(blocks[i].path + "." for i in ids)
+            part = [p for p in paths if p.startswith(prefixes)]
+            grads, seen = compute_importance(model, part, iter(batches), loss_fn, max_samples, autocast)
+            out.update(grads)
+        return out, seen
+
+    return run
 
 
 def _close(current: list[str], peaks: dict[str, int]) -> None:
@@ -199,7 +225,7 @@ def measure(name: str, tmp: Path, batch_size: int, budget: str | None) -> dict[s
     print(format_plan(plan))
     payload = {"model": str(folder), "data": str(data), "workdir": str(tmp / f"runs-{name}-{budget}"),
                "method": method.to_dict(), "epochs": 1, "batch_size": batch_size, "micro_batch": plan.micro_batch,
-               "checkpointing": plan.checkpointing, "dtype": plan.dtype}
+               "checkpointing": plan.checkpointing, "groups": plan.importance_block_groups, "dtype": plan.dtype}
     got = C.run_child(Path(__file__).resolve(), payload)
     phases = {p.name: p for p in plan.phases if p.part_of_adapt}
     rows = []
@@ -209,7 +235,8 @@ def measure(name: str, tmp: Path, batch_size: int, budget: str | None) -> dict[s
         rows.append({"phase": pname, "predicted_bytes": p.peak, "predicted_without_margin_bytes": p.peak - margin,
                      "measured_bytes": measured})
     return {"model": name, "budget": budget, "batch_size": batch_size, "micro_batch": plan.micro_batch,
-            "checkpointing": plan.checkpointing, "predicted_peak_bytes": plan.predicted_peak_bytes,
+            "checkpointing": plan.checkpointing, "importance_block_groups": plan.importance_block_groups,
+            "predicted_peak_bytes": plan.predicted_peak_bytes,
             "measured_peak_bytes": got["child_peak_rss_bytes"], "phases": rows, "status": got["status"],
             "seconds": round(got["seconds"], 1), "planned_trainable": plan.trainable_params,
             "adapt_trainable": got["trainable_params"]}

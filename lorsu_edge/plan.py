@@ -53,7 +53,7 @@ from typing import Any
 from lorsu_edge.budget import budget_flag, format_size
 from lorsu_edge.config import MethodConfig
 from lorsu_edge.errors import BadInputError, OverBudgetError
-from lorsu_edge.profiles import Profile, get_profile
+from lorsu_edge.profiles import Profile
 
 LOSSES = ("clip", "ppl")
 QUANTIZE_CHOICES = ("auto", "none", "8bit", "4bit")
@@ -63,8 +63,11 @@ DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 # bitsandbytes storage per weight: int8 (+ one fp32 scale per row, ignored); NF4 + one fp32 absmax per 64.
 QUANT_BYTES = {"8bit": 1.0, "4bit": 0.5 + 4 / 64}
 LLM_BYTES = 2  # load.py keeps an unquantized LLM in bf16 whatever the compute dtype
-MARGIN_FRACTION = 0.15  # allocator fragmentation and non-tensor memory (oneDNN/cuBLAS workspaces, loaders):
-# bench_memory measured RSS 6-8% above the predicted tensor bytes on CPU (glibc keeps freed blocks); twice that
+# Safety margin per device, as a fraction of everything but the runtime: allocator fragmentation and memory
+# that is not a tensor (oneDNN / cuBLAS workspaces, data loading). CPU: bench_memory measured peak RSS
+# 9-12% above the predicted bytes (glibc keeps freed blocks, checkpoint pages stay mapped): 0.25. CUDA: the
+# caching allocator's fragmentation, not measured here (no GPU): 0.15.
+MARGIN_FRACTION = {"cpu": 0.25, "cuda": 0.15}
 MARGIN_MIN = 64 * 2**20
 TEXT_TOKENS = 74  # question + answer tokens next to the image tokens (LLaVA-1.5: 576 + 74 = 650)
 CAPTION_TOKENS = 77  # CLIP's text context
@@ -838,8 +841,9 @@ def _runtime(ctx: _Context) -> Component:
 def _finish(ctx: _Context, name: str, comps: list[Component], count_all: bool = False) -> Phase:
     counted = sum(c.bytes for c in comps if count_all or _counts(ctx, c))
     runtime = sum(c.bytes for c in comps if c.name == "runtime")
-    margin = max(MARGIN_MIN, int(MARGIN_FRACTION * (counted - runtime)))
-    comps.append(Component("safety margin", margin, f"{MARGIN_FRACTION:.0%}, at least {format_size(MARGIN_MIN, 0)}"))
+    fraction = MARGIN_FRACTION[ctx.profile.device]
+    margin = max(MARGIN_MIN, int(fraction * (counted - runtime)))
+    comps.append(Component("safety margin", margin, f"{fraction:.0%}, at least {format_size(MARGIN_MIN, 0)}"))
     return Phase(name, comps, counted + margin)
 
 
@@ -861,11 +865,16 @@ def _load_phase(ctx: _Context, s: Settings) -> Phase:
     return _finish(ctx, "load", comps)
 
 
+def block_groups(n_blocks: int, groups: int) -> list[list[int]]:
+    """Candidate block indices split into at most `groups` contiguous groups of equal size (the last may be
+    shorter): score importance one group at a time, e.g. with `candidate_paths(spec, block_ids=group)`."""
+    size = math.ceil(n_blocks / max(1, groups))
+    return [list(range(i, min(i + size, n_blocks))) for i in range(0, n_blocks, size)]
+
+
 def _group_bytes(arch: Arch, groups: int) -> int:
-    """fp32 accumulator bytes of the largest of `groups` contiguous block groups."""
-    n = len(arch.candidate_numels)
-    size = math.ceil(n / groups)
-    return 4 * max(sum(arch.candidate_numels[i:i + size]) for i in range(0, n, size))
+    """fp32 accumulator bytes of the largest group (what one importance pass holds)."""
+    return 4 * max(sum(arch.candidate_numels[i] for i in g) for g in block_groups(len(arch.candidate_numels), groups))
 
 
 def _importance_phase(ctx: _Context, s: Settings) -> Phase | None:
@@ -1010,10 +1019,10 @@ def _smallest(ctx: _Context, quantize: str) -> int:
 
 
 def resolve_profile(profile: Profile | str | Path | None) -> Profile:
-    """A Profile from a name, a path or None (None: the `cpu` profile, this machine's RAM)."""
-    if isinstance(profile, Profile):
-        return profile
-    return get_profile("cpu" if profile is None else profile)
+    """A Profile from a name, a .toml path, or None / "auto" (this machine: `cpu`, or the GPU found)."""
+    from lorsu_edge.profiles import resolve
+
+    return resolve(profile)
 
 
 def resolve_dtype(dtype: str, profile: Profile) -> str:

@@ -431,3 +431,25 @@ def test_bench_smoke(tmp_path: Path) -> None:
     doc = json.loads(out.read_text())
     assert doc["llava_plans"] and all(r["predicted_peak_bytes"] > 0 for r in doc["llava_plans"])
     assert doc["runs"] and all(r["measured_peak_bytes"] > 0 for r in doc["runs"])
+
+
+@pytest.mark.parametrize("n, groups", [(1, 1), (23, 1), (23, 5), (23, 23), (10, 3), (24, 7)])
+def test_block_groups_cover_every_block_once(n: int, groups: int) -> None:
+    parts = P.block_groups(n, groups)
+    assert [i for g in parts for i in g] == list(range(n))
+    assert len(parts) <= groups and all(g == list(range(g[0], g[-1] + 1)) for g in parts)
+
+
+def test_importance_groups_bound_the_accumulators(llava7b: Path) -> None:
+    """On a budget that holds the weights but not every fp32 accumulator at once, importance is grouped."""
+    arch = P.describe(llava7b, "clip")
+    everything = 4 * sum(arch.candidate_numels)
+    roomy = P.make_plan(llava7b, loss="clip", batch_size=1, profile=_profile())
+    assert roomy.importance_block_groups == 1
+    acc = next(c.bytes for c in roomy.phase("importance").components if c.name == "importance accumulators")
+    assert acc == everything
+    tight = P.make_plan(llava7b, loss="clip", batch_size=1, profile=_profile(),
+                        budget_bytes=roomy.phase("importance").peak - everything // 2)
+    assert tight.fits and tight.importance_block_groups > 1
+    acc = next(c.bytes for c in tight.phase("importance").components if c.name == "importance accumulators")
+    assert acc < everything // 2 + everything // len(arch.candidate_numels)
