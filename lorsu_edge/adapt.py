@@ -289,6 +289,10 @@ def adapt(opts: AdaptOptions) -> AdaptResult:
     """
     wd = Workdir.open(opts.workdir, create=True)
     start = time.perf_counter()
+    if not opts.show_progress:  # nightly logs: no loading bars from transformers either
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     try:
         result = _adapt_locked(opts, wd, start)
     except LorsuError as e:

@@ -36,6 +36,12 @@ def vlm_features(model: nn.Module, spec: EncoderSpec, pixel_values: torch.Tensor
     return feats
 
 
+def embedding(out) -> torch.Tensor:
+    """`get_image_features` / `get_text_features` return a tensor in transformers 4.57 and an output
+    object whose `pooler_output` is that projected embedding in 5.x."""
+    return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+
 def image_features(model: nn.Module, spec: EncoderSpec, pixel_values: torch.Tensor,
                    with_projector: bool = False) -> torch.Tensor:
     """The encoder output its consumer uses (see module docstring)."""
@@ -43,7 +49,7 @@ def image_features(model: nn.Module, spec: EncoderSpec, pixel_values: torch.Tens
         feats = vlm_features(model, spec, pixel_values)
         return projector(model)(feats) if with_projector else feats
     if spec.role == "dual":
-        return model.get_image_features(pixel_values=pixel_values)
+        return embedding(model.get_image_features(pixel_values=pixel_values))
     out = model(pixel_values=pixel_values)
     pooled = getattr(out, "pooler_output", None)
     return pooled if pooled is not None else out.last_hidden_state[:, 0]

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from lorsu_edge.consumer import image_features
+from lorsu_edge.consumer import embedding, image_features
 from lorsu_edge.errors import BadInputError
 from lorsu_edge.load import Loaded
 from lorsu_edge.losses import DEFAULT_TEMPLATES, LABEL_QUESTION, vqa_prompt
@@ -53,7 +53,7 @@ def _text_embeddings(loaded: Loaded, texts: list[str]) -> torch.Tensor:
     keys = set(inspect.signature(loaded.model.get_text_features).parameters)
     tok = loaded.processor.tokenizer(texts, padding="max_length" if hasattr(loaded.model, "logit_bias") else True,
                                      truncation=True, max_length=64, return_tensors="pt")
-    feats = loaded.model.get_text_features(**{k: v for k, v in tok.items() if k in keys})
+    feats = embedding(loaded.model.get_text_features(**{k: v for k, v in tok.items() if k in keys}))
     return F.normalize(feats.float(), dim=-1)
 
 

@@ -47,7 +47,8 @@ FAMILIES: dict[str, Family] = {
         Family("siglip", ("siglip_vision_model", "siglip"), ("vision_model.encoder.layers", "encoder.layers"),
                fc1=("mlp.fc1",), **_CLIP_ATTN),
         Family("dinov2", ("dinov2",), ("encoder.layer",), fc1=("mlp.fc1",), **_HF_VIT_ATTN),
-        Family("vit", ("vit",), ("encoder.layer",), fc1=("intermediate.dense",), **_HF_VIT_ATTN),
+        # 4.57: encoder.layer.N.intermediate.dense; 5.x: layers.N.mlp.fc1
+        Family("vit", ("vit",), ("encoder.layer", "layers"), fc1=("intermediate.dense", "mlp.fc1"), **_HF_VIT_ATTN),
         # BLIP's vision attention is one fused `qkv` Linear, reshaped to (3, heads, head_dim).
         Family("blip", ("blip_vision_model", "blip"), ("encoder.layers", "vision_model.encoder.layers"),
                fc1=("mlp.fc1",), qkv=("self_attn.qkv",)),

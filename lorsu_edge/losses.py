@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorsu_edge.consumer import image_features
+from lorsu_edge.consumer import embedding, image_features
 from lorsu_edge.errors import BadInputError
 from lorsu_edge.families import EncoderSpec
 from lorsu_edge.samples import Sample, load_image
@@ -93,7 +93,7 @@ class ContrastiveObjective:
         if todo:
             tok = self.processor.tokenizer(todo, padding="max_length" if self.sigmoid else True, truncation=True,
                                            max_length=64, return_tensors="pt")
-            feats = self.model.get_text_features(**{k: v for k, v in tok.items() if k in self._text_keys})
+            feats = embedding(self.model.get_text_features(**{k: v for k, v in tok.items() if k in self._text_keys}))
             self._text_cache.update({c: f.float() for c, f in zip(todo, feats)})
         return torch.stack([self._text_cache[c] for c in captions])
 

@@ -68,12 +68,18 @@ def _bpe_tokenizer(extra: list[str]):
                                    if "<image>" in extra else {})
 
 
+def _byte_chars() -> list[str]:
+    """GPT-2/CLIP's printable stand-in for each of the 256 bytes (the byte-level BPE alphabet)."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = iter(range(256, 512))
+    return [chr(b) if b in keep else chr(next(extra)) for b in range(256)]
+
+
 def _clip_tokenizer(dest: Path):
     """A CLIPTokenizer over single bytes (no merges): CLIPProcessor insists on that class."""
     from transformers import CLIPTokenizer
-    from transformers.models.clip.tokenization_clip import bytes_to_unicode
 
-    chars = list(bytes_to_unicode().values())
+    chars = _byte_chars()
     vocab = {c: i for i, c in enumerate(chars + [c + "</w>" for c in chars])}
     vocab.update({"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1})
     (dest / "vocab.json").write_text(json.dumps(vocab))

@@ -32,6 +32,11 @@ def _adapt(*args):
     return result
 
 
+def _json_line(output: str) -> dict:
+    """The --json result line (CliRunner mixes stderr, e.g. loading bars, into the output)."""
+    return json.loads(output[output.rindex('{"'):].splitlines()[0])
+
+
 def _session(workdir, sid="0001"):
     return workdir / "sessions" / sid
 
@@ -235,13 +240,13 @@ def test_forgetting_guard_rejects_and_keeps_the_current_model(tmp_path, clip_dir
     ok = _adapt("--data", str(write_toy_images(tmp_path / "d1", seed=1)), "--workdir", str(wd), "--model",
                 str(clip_dir), "--control", str(control), "--epochs", "1", "--lr", "1e-6", *FAST, "--json")
     assert ok.exit_code == 0, ok.output
-    first = json.loads(ok.output.strip().splitlines()[-1])
+    first = _json_line(ok.output)
     assert first["status"] == "accepted" and "control_accuracy" in first
     # a threshold below zero rejects any session that does not improve the control set by > 1 point
     r = _adapt("--data", str(write_toy_images(tmp_path / "d2", seed=2)), "--workdir", str(wd), "--epochs", "1",
                "--lr", "1e-9", "--max-forgetting", "-1", *FAST, "--json")
     assert r.exit_code == 6, r.output
-    line = json.loads(r.output.strip().splitlines()[-1])
+    line = _json_line(r.output)
     assert line["status"] == "rejected" and "control accuracy" in line["reason"]
     status = json.loads((_session(wd, "0002") / "status.json").read_text())
     assert status["status"] == "rejected"
@@ -258,7 +263,7 @@ def test_eval_verb_scores_base_and_session(tmp_path, clip_dir):
     for extra in (["--base"], [], ["--session", "0001"]):
         r = runner.invoke(app, ["eval", "--data", str(data), "--workdir", str(wd), "--json", *extra])
         assert r.exit_code == 0, r.output
-        line = json.loads(r.output.strip().splitlines()[-1])
+        line = _json_line(r.output)
         assert line["total"] == 8 and 0 <= line["accuracy"] <= 1 and line["metric"] == "zero-shot"
         assert line["session"] == (None if extra == ["--base"] else "0001")
     bad = runner.invoke(app, ["eval", "--data", str(data), "--workdir", str(wd), "--session", "0042"])
