@@ -4,8 +4,9 @@ plans for LLaVA-1.5-7B on a Jetson Orin Nano 8GB (both losses) from its config.j
 
 Part 1 (measured): for a tiny CLIP and a CLIP ViT-B/16 built from its config (random weights; memory does
 not depend on the values), `lorsu_edge.plan.make_plan` predicts each phase, then `lorsu_edge.adapt.adapt`
-runs with the plan's settings in a fresh child process. The child's peak RSS comes from `os.wait4`
-(ru_maxrss); per-phase peaks come from VmHWM, reset (`memory.reset_peak`) when each phase starts:
+runs with the plan's settings in a fresh child process. Per-phase peaks come from VmHWM, reset
+(`memory.reset_peak`) when each phase starts (that also resets ru_maxrss, so the whole run is the max
+of the phases and the child's `os.wait4` ru_maxrss):
 load (`load_for_loss`), importance (`compute_importance`), train (`train`), merge (from `unload` to the
 committed session). The child applies the plan's settings: micro-batch, `plan.apply_checkpointing`, and
 importance in the planned block groups (adapt itself does not group yet; `grouped` below does).
@@ -237,7 +238,9 @@ def measure(name: str, tmp: Path, batch_size: int, budget: str | None) -> dict[s
     return {"model": name, "budget": budget, "batch_size": batch_size, "micro_batch": plan.micro_batch,
             "checkpointing": plan.checkpointing, "importance_block_groups": plan.importance_block_groups,
             "predicted_peak_bytes": plan.predicted_peak_bytes,
-            "measured_peak_bytes": got["child_peak_rss_bytes"], "phases": rows, "status": got["status"],
+            # clear_refs resets ru_maxrss too: the child's wait4 figure covers only its last phase
+            "measured_peak_bytes": max(got["child_peak_rss_bytes"], *got["phase_peaks"].values()),
+            "phases": rows, "status": got["status"],
             "seconds": round(got["seconds"], 1), "planned_trainable": plan.trainable_params,
             "adapt_trainable": got["trainable_params"]}
 

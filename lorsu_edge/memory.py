@@ -1,10 +1,11 @@
 """Measuring memory: peak resident set (per phase) on the host, peak allocation on CUDA, and a hard cap.
 
-On the host, `ru_maxrss` and VmHWM (/proc/self/status) agree; writing "5" to /proc/self/clear_refs
-resets VmHWM to the current RSS, so phases can be measured one after another in one process
-(ru_maxrss cannot be reset: it is only used where /proc is missing). The cleanest figure for a whole
-run is a child process's ru_maxrss from `os.wait4` (see benchmarks/bench_memory.py). psutil polling
-misses spikes and tracemalloc does not see torch tensors, so neither is used.
+On the host, `ru_maxrss` and VmHWM (/proc/self/status) are the same counter; writing "5" to
+/proc/self/clear_refs resets it to the current RSS, so phases can be measured one after another in one
+process. It resets ru_maxrss too: after a `reset_peak()` in a child, the ru_maxrss that `os.wait4`
+returns covers only the time since that reset, so a whole run is the max of its phases' peaks (see
+benchmarks/bench_memory.py). psutil polling misses spikes and tracemalloc does not see torch tensors,
+so neither is used.
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ def peak_rss_bytes() -> int:
 
 
 def child_peak_rss_bytes(usage: resource.struct_rusage) -> int:
-    """Peak RSS of a finished child from the rusage that `os.wait4` returned."""
+    """Peak RSS of a finished child from the rusage that `os.wait4` returned (since the child's last
+    `reset_peak()`, if it called one)."""
     return _maxrss_bytes(usage)
 
 
