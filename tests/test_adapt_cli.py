@@ -268,3 +268,30 @@ def test_eval_verb_scores_base_and_session(tmp_path, clip_dir):
         assert line["session"] == (None if extra == ["--base"] else "0001")
     bad = runner.invoke(app, ["eval", "--data", str(data), "--workdir", str(wd), "--session", "0042"])
     assert bad.exit_code == 3 and "0042" in bad.output
+
+
+def test_same_seed_same_encoder(tmp_path, clip_dir):
+    data = write_toy_images(tmp_path / "d")
+    hashes = []
+    for run in ("a", "b"):
+        r = _adapt("--data", str(data), "--workdir", str(tmp_path / run), "--model", str(clip_dir), "--epochs", "2",
+                   "--lr", "1e-2", "--seed", "7", *FAST)
+        assert r.exit_code == 0, r.output
+        hashes.append(json.loads((_session(tmp_path / run) / "report.json").read_text())["encoder_sha256"])
+    assert hashes[0] == hashes[1]
+
+
+def test_non_finite_loss_stops_and_writes_no_session(tmp_path, clip_dir):
+    wd = tmp_path / "runs"
+    r = _adapt("--data", str(write_toy_images(tmp_path / "d")), "--workdir", str(wd), "--model", str(clip_dir),
+               "--epochs", "3", "--lr", "1e30", "--max-grad-norm", "0", *FAST)
+    assert r.exit_code == 9 and "non-finite" in r.output, r.output
+    assert not [p for p in (wd / "sessions").iterdir()] if (wd / "sessions").exists() else True
+    assert json.loads((wd / "current.json").read_text())["session"] is None
+
+
+def test_broken_bitsandbytes_falls_back_with_a_note(tmp_path, llava_dir, monkeypatch):
+    import lorsu_edge.load as load
+    monkeypatch.setattr(load, "bitsandbytes_status", lambda: "RuntimeError: CUDA Setup failed")
+    loaded = load.load_model(str(llava_dir), quantize="4bit")
+    assert loaded.quantize == "none" and any("bitsandbytes is unusable" in n for n in loaded.notes)
