@@ -189,8 +189,8 @@ def _load_config(cfg_file: Path) -> Any:
     """AutoConfig, with a fallback for sub-model types it does not register (e.g. blip_vision_model)."""
     import transformers as tf
 
-    try:
-        return tf.AutoConfig.from_pretrained(str(cfg_file))
+    try:  # a folder when the file is config.json (5.x no longer takes a bare json path)
+        return tf.AutoConfig.from_pretrained(str(cfg_file.parent if cfg_file.name == "config.json" else cfg_file))
     except ValueError:
         model_type = json.loads(cfg_file.read_text()).get("model_type", "")
         name = "".join(part.capitalize() for part in model_type.split("_")[:-1]) + "Config"
@@ -263,9 +263,9 @@ def _build(cfg: Any):
     import torch
 
     try:
-        from transformers.modeling_utils import no_init_weights
-    except ImportError:  # moved in a later transformers: init then runs, which is only slower
-        no_init_weights = contextlib.nullcontext
+        from transformers.initialization import no_init_weights  # 5.x
+    except ImportError:
+        from transformers.modeling_utils import no_init_weights  # 4.57
     if isinstance(cfg, _PairConfig):
         return _build_pair(cfg).train()
     cls = _model_class(cfg)
@@ -583,7 +583,9 @@ def _clip_loss(model, batch):
     import torch
     import torch.nn.functional as F
 
-    img = model.get_image_features(pixel_values=batch["pixel_values"])
+    from lorsu_edge.consumer import embedding
+
+    img = embedding(model.get_image_features(pixel_values=batch["pixel_values"]))  # a tensor, or 5.x's output
     with torch.no_grad():  # the text tower is frozen
         ids = batch["input_ids"]
         out = model.text_model(input_ids=ids, attention_mask=torch.ones_like(ids))  # no pad scan

@@ -246,7 +246,8 @@ def test_truncated_stacks_extrapolate_to_full_depth(small_llava: Path, monkeypat
 
 
 def test_fake_simulation_equals_real_allocations(tiny_dirs: dict[str, Path]) -> None:
-    """The same step on real tensors allocates exactly what the fake-tensor simulation counted."""
+    """The same step on real tensors allocates what the fake-tensor simulation counted (exactly on 4.57;
+    5.x builds an explicit causal mask when it cannot inspect fake values: a little more, never less)."""
     from torch._subclasses import fake_tensor
 
     arch = P.describe(tiny_dirs["llava"], "ppl")
@@ -263,7 +264,7 @@ def test_fake_simulation_equals_real_allocations(tiny_dirs: dict[str, Path]) -> 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(fake_tensor, "FakeTensorMode", NoFake)
         real = P._run_simulation(arch, "train", MethodConfig(), "fp32", 2, False)
-    assert real == fake
+    assert real <= fake <= 1.1 * real
 
 
 def test_planned_trainable_count_matches_real_injection(tiny_dirs: dict[str, Path]) -> None:
