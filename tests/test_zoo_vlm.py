@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from safetensors import safe_open
 from transformers import (
     AutoProcessor,
     Dinov2Config,
@@ -81,7 +82,8 @@ def _fixed_batch(processor, items):
 
 @pytest.fixture()
 def tiny_vlm(tower_dirs):
-    model, processor = vlm.build_llava(*tower_dirs, image_size=SIZE, seed=0)
+    # fp32 LM: the exactness checks below compare paths that bf16 would round differently
+    model, processor = vlm.build_llava(*tower_dirs, image_size=SIZE, seed=0, lm_dtype=torch.float32)
     vlm.add_contiguous_lm_head_hook(model)
     return model, processor
 
@@ -95,11 +97,15 @@ def test_assembled_folder_loads_strictly(tower_dirs, tmp_path: Path) -> None:
     vision = Dinov2Model.from_pretrained(vision_dir)
     for k, v in vision.state_dict().items():
         assert torch.equal(model.model.vision_tower.state_dict()[k], v), k
-    lm = Gemma3ForCausalLM.from_pretrained(text_dir)
+    # the LM is stored in bf16 (frozen; half the size), tower and projector in fp32 (trained)
+    lm = Gemma3ForCausalLM.from_pretrained(text_dir).to(torch.bfloat16).float()
     lm_sd, new_sd = lm.model.state_dict(), model.model.language_model.state_dict()
     old_vocab = lm_sd["embed_tokens.weight"].shape[0]
     assert torch.equal(new_sd["embed_tokens.weight"][:old_vocab], lm_sd["embed_tokens.weight"])
     assert all(torch.equal(new_sd[k], v) for k, v in lm_sd.items() if k != "embed_tokens.weight")
+    with safe_open(str(dest / "model.safetensors"), "pt") as f:
+        dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
+    assert all(d == ("BF16" if "language_model" in k else "F32") for k, d in dtypes.items())
     assert model.config.vision_feature_layer == -1
     assert model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
     # the processor expands <image> into one token per patch and renders the plain Q/A prompt
@@ -145,10 +151,10 @@ def test_align_projector_lowers_loss_and_freezes_towers(tiny_vlm) -> None:
     with torch.no_grad():
         loss_before = vlm.pixel_answer_loss(model, batch, pixels).item()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    training = vlm.ProjectorTraining(steps=30, batch_size=6, lr=1e-2, warmup_steps=2, max_seconds=None,
+    training = vlm.ProjectorTraining(warm_start=False, steps=20, batch_size=3, lr=1e-2, warmup_steps=2,
                                      autocast_bf16=False)
     result = vlm.align_projector(model, processor, items, training)
-    assert result.steps == 30 and len(result.losses) == 30
+    assert result.steps == 20 and len(result.losses) == 20
     with torch.no_grad():
         loss_after = vlm.pixel_answer_loss(model, batch, pixels).item()
     assert loss_after < 0.95 * loss_before  # measured 0.88 on this stand-in
@@ -159,12 +165,38 @@ def test_align_projector_lowers_loss_and_freezes_towers(tiny_vlm) -> None:
 
 
 def test_align_projector_is_seeded(tower_dirs) -> None:
-    training = vlm.ProjectorTraining(steps=3, batch_size=4, max_seconds=None, autocast_bf16=False)
+    training = vlm.ProjectorTraining(steps=3, batch_size=4, autocast_bf16=False)
     runs = []
     for _ in range(2):
         model, processor = vlm.build_llava(*tower_dirs, image_size=SIZE, seed=1)
         runs.append(vlm.align_projector(model, processor, color_items(1), training).losses)
     assert runs[0] == runs[1]
+
+
+def test_warm_start_fits_answer_embeddings_in_closed_form(tiny_vlm) -> None:
+    model, processor = tiny_vlm
+    items = color_items()
+    feats = vlm.cached_vision_features(model, processor, [im for im, _, _ in items])
+    targets = vlm.answer_word_embeddings(model, processor.tokenizer, [a for _, _, a in items])
+    # the target of "a red" is the embedding of its last token, as the LM sees it
+    last_id = processor.tokenizer(" a red", add_special_tokens=False).input_ids[-1]
+    assert torch.allclose(targets[0], model.get_input_embeddings()(torch.tensor([last_id]))[0].float())
+    proj = model.model.multi_modal_projector
+    first_layer = proj.linear_1.weight.clone()
+
+    def mse() -> float:
+        with torch.no_grad():
+            return float(((proj(feats) - targets[:, None]) ** 2).mean())
+
+    before = mse()
+    vlm.warm_start_projector(model, feats, targets, ridge=1e-6)
+    after = mse()
+    assert after < 0.5 * before
+    assert torch.equal(proj.linear_1.weight, first_layer)  # only the readout is solved
+    # a least-squares solution: nudging the readout in any direction cannot lower the error much
+    with torch.no_grad():
+        proj.linear_2.bias.add_(0.01 * targets.std())
+    assert mse() >= after
 
 
 def test_align_projector_refuses_empty_data(tiny_vlm) -> None:
@@ -216,7 +248,8 @@ def test_bad_options_are_refused(tower_dirs) -> None:
     with pytest.raises(ValueError, match="image_size"):
         vlm.VlmBuildOptions(image_size=100)
     with pytest.raises(ValueError, match="steps"):
-        vlm.ProjectorTraining(steps=0)
+        vlm.ProjectorTraining(steps=0, warm_start=False)
+    assert vlm.ProjectorTraining(steps=0).warm_start  # closed form only is allowed
     with pytest.raises(BadInputError):
         vlm.build_llava(*tower_dirs, image_size=50)
     with pytest.raises(BadInputError):  # the LM folder is no vision tower
@@ -270,3 +303,22 @@ def test_4bit_lm_gradient_matches_fp32_dequantized(tower_dirs, tmp_path: Path) -
     g4, gref = _vision_grads(q4, batch, pixels), _vision_grads(ref, batch, pixels)
     assert gref.abs().max() > 0
     assert (g4 - gref).abs().max() <= GRAD_RTOL * gref.abs().max()
+
+
+HAVE_ANIMALS = importlib.util.find_spec("animal_mnist") is not None
+
+
+@pytest.mark.skipif(not HAVE_ANIMALS, reason="needs animal-mnist: pip install --no-deps animal-mnist==0.4")
+def test_build_vlm_end_to_end_on_stand_ins(tower_dirs, tmp_path: Path) -> None:
+    """The default pipeline (split, align, evaluate, save, report) on tiny towers, real animal data."""
+    import json
+
+    options = vlm.VlmBuildOptions(image_size=SIZE, align_per_class=2, eval_per_class=1,
+                                  training=vlm.ProjectorTraining(steps=3, batch_size=4))
+    dest = vlm.build_vlm(tmp_path / "vlm", options, *tower_dirs)
+    assert vlm.is_built(dest)
+    report = json.loads((dest / vlm.ALIGNMENT_FILE).read_text())
+    assert report["steps"] == 3 and report["alignment_data"]["n"] == 20
+    assert report["heldout"]["n"] == 10 and 0.0 <= report["heldout"]["contains"] <= 1.0
+    model, info = LlavaForConditionalGeneration.from_pretrained(dest, output_loading_info=True)
+    assert not info["missing_keys"]
