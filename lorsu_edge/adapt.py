@@ -16,7 +16,7 @@ import os
 import signal
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -31,8 +31,10 @@ from lorsu_edge.inject import freeze, inject, select_targets
 from lorsu_edge.load import (Loaded, apply_encoder, config_role, load_model, load_vlm_tower_in_dual, read_config,
                              resolve_source)
 from lorsu_edge.losses import Batch, check_loss, default_loss, make_objective
+from lorsu_edge.memory import cap_cuda_memory, cuda_peak_bytes, peak_rss_bytes
 from lorsu_edge.merge import encoder_state_dict, tensors_hash, unload
 from lorsu_edge.samples import Sample, SampleSet, read_samples
+from lorsu_edge.plan import apply_checkpointing
 from lorsu_edge.score import candidate_paths, compute_importance
 from lorsu_edge.session import ENCODER_FILE, REPORT_FILE, SAMPLES_FILE, Workdir, graceful_sigterm
 from lorsu_edge.train import TrainConfig, autocast_factory, resolve_precision, train
@@ -54,6 +56,8 @@ class AdaptOptions:
     device: str = "auto"
     method: MethodConfig = field(default_factory=MethodConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    budget: int | None = None  # bytes; None = the profile's memory less its reserve
+    profile: str | None = None  # name or path of a profiles/*.toml; None = detect this machine
     min_new_samples: int = 1
     control: Path | None = None
     eval_data: Path | None = None
@@ -99,12 +103,42 @@ def load_for_loss(base: str, opts: AdaptOptions, device: torch.device) -> Loaded
     """The model the loss needs: the VLM itself, or for `--loss clip --text-model` only its tower inside
     the matching dual encoder (no language model in memory)."""
     if opts.text_model:
-        if opts.loss not in (None, "clip"):
-            raise BadInputError("--text-model only makes sense with --loss clip", hint="drop --text-model")
         return load_vlm_tower_in_dual(base, opts.text_model, device=str(device))
-    role = config_role(read_config(resolve_source(base)))
-    check_loss(opts.loss or default_loss(role), role, has_text_model=False)  # before any weight is read
     return load_model(base, opts.quantize, device=str(device))
+
+
+def plan_run(base: str, opts: AdaptOptions, loss: str, role: str, precision: str):
+    """The memory plan, from config files only: refuse (OverBudgetError, exit 4) before any weight is read.
+
+    `--quantize auto` means 4-bit where bitsandbytes works. Where it does not, the plan is made for an
+    unquantized LLM, so a fallback at load time can never break the budget."""
+    from lorsu_edge.load import bitsandbytes_status
+    from lorsu_edge.plan import check_fits, make_plan
+
+    quantize = opts.quantize
+    if role == "vlm" and loss == "ppl" and quantize != "none":
+        problem = bitsandbytes_status()
+        if problem:
+            log.warning("bitsandbytes is unusable here (%s): planning for an unquantized language model", problem)
+        quantize = "none" if problem else ("4bit" if quantize == "auto" else quantize)
+    text_model = resolve_source(opts.text_model) if opts.text_model else None
+    plan = make_plan(resolve_source(base), method_cfg=opts.method, loss=loss, batch_size=opts.train.batch_size,
+                     budget_bytes=opts.budget, profile=opts.profile, dtype=precision, quantize=quantize,
+                     text_model=text_model)
+    check_fits(plan)
+    return plan
+
+
+def apply_plan(opts: AdaptOptions, plan) -> AdaptOptions:
+    """Options with the plan's settings: micro-batch (the effective batch stays) and LLM quantization."""
+    return replace(opts, quantize=plan.quantize, train=replace(opts.train, micro_batch=plan.micro_batch))
+
+
+def plan_fields(plan) -> dict[str, Any]:
+    return {"predicted_peak_bytes": plan.predicted_peak_bytes, "budget_bytes": plan.budget_bytes,
+            "plan": {"profile": plan.profile, "micro_batch": plan.micro_batch, "grad_accum": plan.grad_accum,
+                     "checkpointing": plan.checkpointing, "quantize": plan.quantize,
+                     "importance_block_groups": plan.importance_block_groups, "peak_phase": plan.peak_phase}}
 
 
 def new_samples(samples: SampleSet, seen: set[str]) -> list[Sample]:
@@ -134,16 +168,29 @@ def training_steps(objective, samples: list[Sample], cfg: TrainConfig) -> Iterat
             yield [objective.make_batch(chunk[k:k + micro]) for k in range(0, len(chunk), micro)]
 
 
+def importance(loaded: Loaded, objective, samples: list[Sample], opts: AdaptOptions, autocast,
+               groups: int = 1) -> dict[str, torch.Tensor]:
+    """Mean gradients of the candidates, one block group at a time when the planner says the accumulators
+    of all blocks do not fit at once (each group is a full pass over the same samples)."""
+    from lorsu_edge.plan import block_groups
+
+    spec, mcfg = loaded.spec, opts.method
+    scored = samples[: mcfg.importance_samples]
+    grads: dict[str, torch.Tensor] = {}
+    for group in block_groups(len(spec.candidate_blocks), groups):
+        paths = candidate_paths(spec, fc1=mcfg.uses_fc1, attn=mcfg.method == "lorsu", block_ids=group)
+        batches = micro_batches(objective, scored, opts.train.micro_batch or opts.train.batch_size)
+        grads.update(compute_importance(loaded.model, paths, batches, objective, len(scored), autocast)[0])
+    return grads
+
+
 def score_and_inject(loaded: Loaded, objective, samples: list[Sample], opts: AdaptOptions,
-                     autocast) -> tuple[list, dict[str, int]]:
+                     autocast, importance_groups: int = 1) -> tuple[list, dict[str, int]]:
     """Importance on this session's data, selection, injection, freezing. Returns (targets, counts)."""
     model, spec, mcfg = loaded.model, loaded.spec, opts.method
     grads = None
     if mcfg.needs_importance:
-        paths = candidate_paths(spec, fc1=mcfg.uses_fc1, attn=mcfg.method == "lorsu")
-        scored = samples[: mcfg.importance_samples]
-        batches = micro_batches(objective, scored, opts.train.micro_batch or opts.train.batch_size)
-        grads, _ = compute_importance(model, paths, batches, objective, len(scored), autocast)
+        grads = importance(loaded, objective, samples, opts, autocast, importance_groups)
         fault_point("importance")
     torch.manual_seed(opts.train.seed)  # LoRA init is part of the seeded run
     targets = select_targets(spec, mcfg, grads)
@@ -157,11 +204,8 @@ def target_meta(targets: list) -> dict[str, dict]:
 
 
 def peak_memory_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    import resource
-
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+    """CUDA: the allocator's peak; CPU: the process's peak resident set."""
+    return cuda_peak_bytes(device.index or 0) if device.type == "cuda" else peak_rss_bytes()
 
 
 class _Progress:
@@ -181,7 +225,8 @@ class _Progress:
 
 
 def run_session(opts: AdaptOptions, loaded: Loaded, samples: list[Sample], partial: Path,
-                device: torch.device, loss: str, templates: tuple[str, ...] = ()) -> dict[str, Any]:
+                device: torch.device, loss: str, templates: tuple[str, ...] = (),
+                importance_groups: int = 1) -> dict[str, Any]:
     """Score, select, inject, train and merge on `samples`; write adapter + encoder into `partial`."""
     model, spec = loaded.model, loaded.spec
     precision = resolve_precision(opts.train.precision, device)
@@ -189,7 +234,7 @@ def run_session(opts: AdaptOptions, loaded: Loaded, samples: list[Sample], parti
     objective = make_objective(loss, model, spec, loaded.processor, seed=opts.train.seed,
                                templates=tuple(opts.templates) or templates or None)
     base_hash = tensors_hash(session_encoder(loaded))
-    targets, counts = score_and_inject(loaded, objective, samples, opts, autocast)
+    targets, counts = score_and_inject(loaded, objective, samples, opts, autocast, importance_groups)
     _, n_steps = step_plan(samples, opts.train)
     bar = _Progress(n_steps, opts.show_progress)
     try:
@@ -322,10 +367,17 @@ def _adapt_locked(opts: AdaptOptions, wd: Workdir, start: float) -> AdaptResult:
         eval_sets = load_eval_sets(opts, wd)
         device = pick_device(opts.device)
         precision = resolve_precision(opts.train.precision, device)  # refuse bad combinations before loading
+        role = config_role(read_config(resolve_source(base)))
+        loss = opts.loss or default_loss(role)
+        check_loss(loss, role, has_text_model=bool(opts.text_model))
+        plan = plan_run(base, opts, loss, role, precision)
+        opts = apply_plan(opts, plan)
+        if device.type == "cuda":
+            cap_cuda_memory(plan.budget_bytes, device.index or 0)
         loaded = load_for_loss(base, opts, device)
+        if plan.checkpointing:
+            apply_checkpointing(loaded.model, loaded.spec)
         fault_point("load")
-        loss = opts.loss or default_loss(loaded.role)
-        check_loss(loss, loaded.role, has_text_model=False)
         current = wd.current()
         if current:  # chaining: start from the accepted encoder (base + all accepted sessions, merged)
             apply_encoder(loaded, wd.session_dir(current) / ENCODER_FILE)
@@ -333,7 +385,8 @@ def _adapt_locked(opts: AdaptOptions, wd: Workdir, start: float) -> AdaptResult:
             wd.update_settings(base_model=base)
         before = score_sets(loaded, eval_sets, device, precision, known_scores(wd, current))
         with wd.staged_session() as partial:
-            body = run_session(opts, loaded, fresh, partial, device, loss, sample_set.templates)
+            body = run_session(opts, loaded, fresh, partial, device, loss, sample_set.templates,
+                               plan.importance_block_groups)
             accepted, reason, scores = guard(before, score_sets(loaded, eval_sets, device, precision),
                                              opts.max_forgetting)
             report = {
@@ -343,7 +396,7 @@ def _adapt_locked(opts: AdaptOptions, wd: Workdir, start: float) -> AdaptResult:
                 "skipped": [[str(p), r] for p, r in sample_set.skipped],
                 "encoder_params": body.pop("encoder_params"), "method_config": opts.method.to_dict(),
                 "train_config": vars(opts.train), "quantize": loaded.quantize, "notes": loaded.notes,
-                "device": str(device), "lorsu_edge": __version__, **body, **scores,
+                "device": str(device), "lorsu_edge": __version__, **body, **scores, **plan_fields(plan),
                 **{f"{n}_set_sha256": set_fingerprint(ss) for n, ss in eval_sets.items()},
                 "accepted": accepted, "reason": reason,
                 "seconds": round(time.perf_counter() - start, 3), "peak_memory_bytes": peak_memory_bytes(device),

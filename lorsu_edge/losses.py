@@ -43,6 +43,8 @@ def check_loss(loss: str, role: str, has_text_model: bool) -> None:
     if loss == "ppl" and role != "vlm":
         raise BadInputError("--loss ppl needs a VLM (a language model to score answers)",
                             hint="use --loss clip for dual encoders")
+    if has_text_model and (role != "vlm" or loss != "clip"):
+        raise BadInputError("--text-model is for --loss clip on a VLM", hint="drop --text-model")
     if loss == "clip" and role == "vlm" and not has_text_model:
         raise BadInputError("--loss clip on a VLM needs the matching dual encoder's text tower",
                             hint="pass --text-model DIR (e.g. the CLIP the VLM's tower came from), or use --loss ppl")

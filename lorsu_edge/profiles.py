@@ -23,6 +23,7 @@ Fields (sizes use the `--budget` syntax, see budget.py):
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -67,9 +68,10 @@ class Profile:
 
 
 def builtin_dirs() -> list[Path]:
-    """Built-in profile folders: the repository's `profiles/`, then the package's (wheels)."""
+    """Built-in profile folders: the repository's `profiles/` (editable installs), then the copy a wheel
+    installs under `<prefix>/share/lorsu-edge/profiles`."""
     pkg = Path(lorsu_edge.__file__).parent
-    return [d for d in (pkg.parent / "profiles", pkg / "profiles") if d.is_dir()]
+    return [d for d in (pkg.parent / "profiles", Path(sys.prefix) / "share" / "lorsu-edge" / "profiles") if d.is_dir()]
 
 
 def user_dir() -> Path:

@@ -295,3 +295,30 @@ def test_broken_bitsandbytes_falls_back_with_a_note(tmp_path, llava_dir, monkeyp
     monkeypatch.setattr(load, "bitsandbytes_status", lambda: "RuntimeError: CUDA Setup failed")
     loaded = load.load_model(str(llava_dir), quantize="4bit")
     assert loaded.quantize == "none" and any("bitsandbytes is unusable" in n for n in loaded.notes)
+
+
+def test_budget_too_small_is_refused_before_any_weight_is_read(tmp_path, clip_dir):
+    import shutil
+    model = tmp_path / "model"
+    shutil.copytree(clip_dir, model)
+    (model / "model.safetensors").write_bytes(b"garbage: reading this would fail with exit 3")
+    r = _adapt("--data", str(write_toy_images(tmp_path / "d")), "--workdir", str(tmp_path / "runs"),
+               "--model", str(model), "--budget", "20MB", *FAST)
+    assert r.exit_code == 4 and "budget" in r.output, r.output
+    assert not (tmp_path / "runs" / "sessions").exists() or not any((tmp_path / "runs" / "sessions").iterdir())
+
+
+def test_garbage_budget_and_unknown_profile(tmp_path, clip_dir):
+    assert _bad(tmp_path, clip_dir, "--budget", "lots").exit_code == 3
+    r = _bad(tmp_path, clip_dir, "--profile", "no-such-device")
+    assert r.exit_code == 3 and "no-such-device" in r.output
+
+
+def test_report_has_predicted_and_measured_peak(tmp_path, clip_dir):
+    wd = tmp_path / "runs"
+    r = _adapt("--data", str(write_toy_images(tmp_path / "d")), "--workdir", str(wd), "--model", str(clip_dir),
+               "--budget", "8GB", "--epochs", "1", *FAST)
+    assert r.exit_code == 0, r.output
+    report = json.loads((_session(wd) / "report.json").read_text())
+    assert report["predicted_peak_bytes"] > 0 and report["peak_memory_bytes"] > 0
+    assert report["budget_bytes"] <= 8 * 10**9 and report["plan"]["micro_batch"] >= 1

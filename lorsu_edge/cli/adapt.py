@@ -10,6 +10,7 @@ import typer
 
 from lorsu_edge.cli.errors import handle_errors
 from lorsu_edge.config import MethodConfig, field_help
+from lorsu_edge.budget import SIZE_HELP, parse_size
 from lorsu_edge.errors import BadInputError, ExitCode
 from lorsu_edge.samples import check_templates
 from lorsu_edge.train import TrainConfig
@@ -39,6 +40,9 @@ def command(
     template: Annotated[list[str] | None, typer.Option(help="caption template with {label} (repeatable; default: "
                                                           "DIR/templates.txt, else built-in ones)")] = None,
     quantize: Annotated[str, typer.Option(help="LLM quantization: auto | 4bit | 8bit | none")] = "auto",
+    budget: Annotated[str | None, typer.Option(help=SIZE_HELP + "; default: the profile's memory less its reserve")] = None,
+    profile: Annotated[str | None, typer.Option(help="device profile name or path (see lorsu-edge profiles); "
+                                                     "default: detect this machine")] = None,
     method: Annotated[str, typer.Option(help=_m("method"))] = "lorsu",
     sparsity: Annotated[float, typer.Option(help=_m("sparsity"))] = 0.1,
     top_k_heads: Annotated[int, typer.Option(help=_m("top_k_heads"))] = 2,
@@ -72,6 +76,7 @@ def command(
         opts = AdaptOptions(
             data=data, workdir=workdir, model=model, loss=loss, text_model=text_model,
             templates=check_templates(tuple(template or ()), "--template"), quantize=quantize, device=device,
+            budget=parse_size(budget) if budget else None, profile=profile,
             method=MethodConfig(method, sparsity, top_k_heads, rank, alpha, importance_samples),
             train=TrainConfig(epochs, batch_size, None, lr, weight_decay, warmup_ratio, max_grad_norm,
                               precision, seed),

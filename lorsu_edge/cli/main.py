@@ -32,12 +32,14 @@ def _root(
 
 
 def _register() -> None:
-    from lorsu_edge.cli import adapt, demo, eval, export, history, models, rollback
+    from lorsu_edge.cli import adapt, demo, eval, export, history, models, plan, profiles, rollback
 
     app.command("demo")(demo.command)
     app.command("adapt")(adapt.command)
     app.command("eval")(eval.command)
     app.command("export")(export.command)
+    app.command("plan")(plan.command)
+    app.command("profiles")(profiles.command)
     app.command("history")(history.command)
     app.command("rollback")(rollback.command)
     app.add_typer(models.app, name="models")
