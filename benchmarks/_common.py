@@ -96,30 +96,6 @@ def llava_config(smoke: bool = False) -> tuple[Any, str]:
 # ---------------------------------------------------------------------------------------------
 
 
-def shape_targets(model: nn.Module, spec, cfg) -> list:
-    """Targets of exactly the size `cfg` selects, at placeholder positions (FLOPs and bytes do not
-    depend on which entries or heads are chosen, only on how many)."""
-    from lorsu_edge.inject import Target
-    from lorsu_edge.select import budget_count, head_rows
-
-    heads = spec.num_heads if cfg.method == "lora" else min(cfg.top_k_heads, spec.num_heads)
-    targets = []
-    for block in spec.candidate_blocks:
-        if cfg.uses_fc1:
-            numel = model.get_submodule(block.fc1).weight.numel()
-            targets.append(Target(block.fc1, "sparse", torch.arange(budget_count(numel, cfg.sparsity)), block.index))
-        if cfg.uses_lora and heads:
-            chosen = torch.arange(heads)
-            if "qkv" in block.attn:
-                rows = head_rows(chosen, spec.head_dim, parts=3, part_stride=spec.hidden_size)
-                targets.append(Target(block.attn["qkv"], "lora", rows, block.index, parts=3, heads=list(range(heads))))
-            else:
-                rows = head_rows(chosen, spec.head_dim)
-                targets.extend(Target(p, "lora", rows, block.index, heads=list(range(heads)))
-                               for p in block.attn.values())
-    return targets
-
-
 def trainable_params(model: nn.Module) -> int:
     """Elements of every parameter that requires grad."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -56,7 +56,7 @@ import _common as C  # noqa: E402
 from lorsu_edge.config import MethodConfig  # noqa: E402
 from lorsu_edge.consumer import image_features, projector  # noqa: E402
 from lorsu_edge.families import find_encoder  # noqa: E402
-from lorsu_edge.inject import freeze, inject, replace_module  # noqa: E402
+from lorsu_edge.inject import freeze, inject, replace_module, shape_targets  # noqa: E402
 from lorsu_edge.layers import HeadLoRALinear, SparseDeltaLinear  # noqa: E402
 from lorsu_edge.losses import contrastive_loss  # noqa: E402
 from lorsu_edge.score import candidate_paths, compute_importance  # noqa: E402
@@ -99,13 +99,13 @@ class Meter:
 
 def _package_method(cfg: MethodConfig) -> Callable[[nn.Module, Any], None]:
     def prepare(model: nn.Module, spec) -> None:
-        inject(model, C.shape_targets(model, spec, cfg), cfg)
+        inject(model, shape_targets(model, spec, cfg), cfg)
         freeze(model, spec, cfg)
     return prepare
 
 
 def _dense_reference(model: nn.Module, spec) -> None:
-    C.inject_dense_reference(model, C.shape_targets(model, spec, LORSU), LORSU.rank, LORSU.alpha)
+    C.inject_dense_reference(model, shape_targets(model, spec, LORSU), LORSU.rank, LORSU.alpha)
 
 
 def _llm_lora(names: tuple[str, ...], rank: int, alpha: float) -> Callable[[nn.Module, Any], None]:

@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sessions", type=int, default=5)
     p.add_argument("--shots", type=int, default=5)
     p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--eval-per-class", type=int, default=30)
+    p.add_argument("--eval-per-class", type=int, default=50)
     p.add_argument("--control-per-class", type=int, default=50)
     p.add_argument("--lr", type=float, default=None, help="one learning rate for every method")
     p.add_argument("--smoke", action="store_true", help="tiny random CLIP + toy images")

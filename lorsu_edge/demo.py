@@ -33,9 +33,9 @@ class DemoOptions:
 
     workdir: Path = Path("lorsu-demo")
     model: str | None = None  # default: the embedded default dual encoder (built once, offline)
-    sessions: int = 3
+    sessions: int = 5
     shots: int = 5  # per class and session
-    eval_per_class: int = 30
+    eval_per_class: int = 50
     control_per_class: int = 50  # 500 animals: one image is 0.2 points, below the 1-point guard
     method: MethodConfig = field(default_factory=MethodConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=10, batch_size=16, lr=3e-5))

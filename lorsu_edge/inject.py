@@ -10,7 +10,7 @@ from torch import nn
 from lorsu_edge.config import MethodConfig
 from lorsu_edge.families import EncoderSpec
 from lorsu_edge.layers import HeadLoRALinear, SparseDeltaLinear, _Mergeable
-from lorsu_edge.select import head_rows, head_scores, top_entries, top_heads
+from lorsu_edge.select import budget_count, head_rows, head_scores, top_entries, top_heads
 
 
 @dataclass
@@ -35,26 +35,45 @@ def select_targets(spec: EncoderSpec, cfg: MethodConfig,
     targets = []
     for block in spec.candidate_blocks:
         if cfg.uses_fc1:
-            idx = top_entries(grads[block.fc1], cfg.sparsity)
-            targets.append(Target(block.fc1, "sparse", idx, block.index))
+            targets.append(Target(block.fc1, "sparse", top_entries(grads[block.fc1], cfg.sparsity), block.index))
         if cfg.uses_lora:
-            targets.extend(_lora_targets(spec, cfg, block, grads))
+            targets.extend(lora_targets(spec, block, _chosen_heads(spec, cfg, block, grads).tolist()))
     return targets
 
 
-def _lora_targets(spec: EncoderSpec, cfg: MethodConfig, block, grads) -> list[Target]:
+def shape_targets(model: nn.Module, spec: EncoderSpec, cfg: MethodConfig) -> list[Target]:
+    """Targets of exactly the sizes `cfg` selects, at placeholder positions: memory and FLOPs depend on how
+    many entries and heads are chosen, not on which (the planner and benchmarks use this)."""
+    if cfg.method == "full":
+        return []
+    heads = list(range(spec.num_heads if cfg.method == "lora" else min(cfg.top_k_heads, spec.num_heads)))
+    targets = []
+    for block in spec.candidate_blocks:
+        if cfg.uses_fc1:
+            numel = model.get_submodule(block.fc1).weight.numel()
+            targets.append(Target(block.fc1, "sparse", torch.arange(budget_count(numel, cfg.sparsity)), block.index))
+        if cfg.uses_lora and heads:
+            targets.extend(lora_targets(spec, block, heads))
+    return targets
+
+
+def _chosen_heads(spec: EncoderSpec, cfg: MethodConfig, block, grads) -> torch.Tensor:
     if cfg.method == "lora":
-        heads = torch.arange(spec.num_heads)
-    else:
-        per_proj = [grads[p] for p in block.attn.values()]
-        if len(per_proj) == 1:  # fused qkv: score q, k and v parts as three projections
-            per_proj = list(per_proj[0].chunk(3, dim=0))
-        heads = top_heads(head_scores(per_proj, spec.num_heads), cfg.top_k_heads)
+        return torch.arange(spec.num_heads)
+    per_proj = [grads[p] for p in block.attn.values()]
+    if len(per_proj) == 1:  # fused qkv: score q, k and v parts as three projections
+        per_proj = list(per_proj[0].chunk(3, dim=0))
+    return top_heads(head_scores(per_proj, spec.num_heads), cfg.top_k_heads)
+
+
+def lora_targets(spec: EncoderSpec, block, heads: list[int]) -> list[Target]:
+    """LoRA targets on the rows of `heads`: one fused qkv target, or the same rows of q, k and v."""
+    chosen = torch.tensor(heads, dtype=torch.long)
     if "qkv" in block.attn:
-        rows = head_rows(heads, spec.head_dim, parts=3, part_stride=spec.hidden_size)
-        return [Target(block.attn["qkv"], "lora", rows, block.index, parts=3, heads=heads.tolist())]
-    rows = head_rows(heads, spec.head_dim)
-    return [Target(path, "lora", rows, block.index, heads=heads.tolist()) for path in block.attn.values()]
+        rows = head_rows(chosen, spec.head_dim, parts=3, part_stride=spec.hidden_size)
+        return [Target(block.attn["qkv"], "lora", rows, block.index, parts=3, heads=list(heads))]
+    rows = head_rows(chosen, spec.head_dim)
+    return [Target(path, "lora", rows, block.index, heads=list(heads)) for path in block.attn.values()]
 
 
 def replace_module(model: nn.Module, path: str, new: nn.Module) -> None:

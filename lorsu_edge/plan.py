@@ -510,30 +510,6 @@ def _count(model, spec, full: dict[str, int]) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 
 
-def _shape_targets(model, spec, cfg: MethodConfig) -> list:
-    """Targets of the exact sizes the method would select (which entries does not matter for memory)."""
-    import torch
-
-    from lorsu_edge.inject import Target
-    from lorsu_edge.select import budget_count, head_rows
-
-    targets = []
-    heads = spec.num_heads if cfg.method == "lora" else min(cfg.top_k_heads, spec.num_heads)
-    for block in spec.candidate_blocks:
-        if cfg.uses_fc1:
-            numel = model.get_submodule(block.fc1).weight.numel()
-            targets.append(Target(block.fc1, "sparse", torch.arange(budget_count(numel, cfg.sparsity)), block.index))
-        if cfg.uses_lora and heads:
-            chosen = torch.arange(heads)
-            if "qkv" in block.attn:
-                rows = head_rows(chosen, spec.head_dim, parts=3, part_stride=spec.hidden_size)
-                targets.append(Target(block.attn["qkv"], "lora", rows, block.index, parts=3))
-            else:
-                rows = head_rows(chosen, spec.head_dim)
-                targets.extend(Target(p, "lora", rows, block.index) for p in block.attn.values())
-    return targets
-
-
 def apply_checkpointing(model: Any, spec: Any) -> int:
     """Activation checkpointing as the plan assumes it: every encoder block and every LLM decoder layer
     keeps only its input and recomputes the rest in backward (non-reentrant `torch.utils.checkpoint`).
@@ -684,11 +660,11 @@ def _prepare(model, spec, kind: str, method: MethodConfig) -> list:
     """
     import torch
 
-    from lorsu_edge.inject import freeze, inject
+    from lorsu_edge.inject import freeze, inject, shape_targets
     from lorsu_edge.score import candidate_paths
 
     if kind == "train":
-        inject(model, _shape_targets(model, spec, method), method)
+        inject(model, shape_targets(model, spec, method), method)
         freeze(model, spec, method)
         for p in model.parameters():
             if p.requires_grad:
@@ -792,14 +768,14 @@ def adapter_size(arch: Arch, method: MethodConfig) -> AdapterSize:
 def _count_adapter(arch: Arch, method: MethodConfig) -> AdapterSize:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from lorsu_edge.inject import adapter_modules, freeze, inject
+    from lorsu_edge.inject import adapter_modules, freeze, inject, shape_targets
 
     if method.method == "full":  # dense: no wrappers, the optimizer sees the whole encoder
         return AdapterSize(arch.encoder, 0, 0, 0)
     with FakeTensorMode():
         model = _build(arch.sim_cfg)
         spec = _find_spec(model, arch.sim_cfg)
-        inject(model, _shape_targets(model, spec, method), method)
+        inject(model, shape_targets(model, spec, method), method)
         freeze(model, spec, method)
         per_block: dict[int, list[int]] = {}
         largest = 0

@@ -216,7 +216,6 @@ def test_vlm_with_clip_loss_through_text_model(tmp_path, llava_dir, clip_dir):
 
 def test_text_model_with_a_different_tower_is_refused(tmp_path, llava_dir):
     import transformers as tf
-    from lorsu_edge.tiny import tiny_model
     other = tmp_path / "other"
     m = tf.CLIPModel(tf.CLIPConfig(vision_config=dict(hidden_size=48, intermediate_size=64, num_hidden_layers=3,
                                                       num_attention_heads=4, image_size=32, patch_size=8),

@@ -1,6 +1,5 @@
 """The LoRSU core on every wired family: score -> select -> inject -> train -> merge, and its invariants."""
 
-import copy
 
 import pytest
 import torch

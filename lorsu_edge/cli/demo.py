@@ -14,7 +14,7 @@ from lorsu_edge.cli.errors import handle_errors
 def command(
     workdir: Annotated[Path, typer.Option(help="fresh folder for the demo's data, sessions, export and plot")] = Path(
         "lorsu-demo"),
-    sessions: Annotated[int, typer.Option(help="few-shot sessions in the protocol")] = 3,
+    sessions: Annotated[int, typer.Option(help="few-shot sessions in the protocol")] = 5,
     shots: Annotated[int, typer.Option(help="images per class in each session")] = 5,
     method: Annotated[str, typer.Option(help="lorsu | lora | spu | full")] = "lorsu",
     epochs: Annotated[int, typer.Option(help="epochs per session")] = 10,
