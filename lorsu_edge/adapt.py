@@ -69,7 +69,7 @@ class AdaptOptions:
 @dataclass
 class AdaptResult:
     status: str  # "accepted", "rejected" or "nothing-new"
-    session: str | None
+    session: str | None  # the session written (accepted or rejected); the current one for "nothing-new"
     report: dict[str, Any]
     message: str = ""
 
@@ -409,4 +409,5 @@ def _adapt_locked(opts: AdaptOptions, wd: Workdir, start: float) -> AdaptResult:
         if opts.save_full and accepted:
             loaded.model.save_pretrained(opts.save_full)
             loaded.processor.save_pretrained(opts.save_full)
-        return AdaptResult(status, session if accepted else current, report, f"session {session} {status}: {reason}")
+        kept = "" if accepted else f"; the current model stays {current or 'the base model'}"
+        return AdaptResult(status, session, report, f"session {session} {status}: {reason}{kept}")
