@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 import torch.nn.functional as F
 from PIL import Image
 from transformers import AutoTokenizer, VisionTextDualEncoderModel, VisionTextDualEncoderProcessor
@@ -126,7 +127,9 @@ def image_embeddings(
     device = next(model.parameters()).device
     chunks = []
     with torch.inference_mode(), _autocast(model, dtype):
-        for i in range(0, len(images), batch_size):
+        # The default model's build spends minutes here: show it (stderr; silent when not a terminal).
+        for i in tqdm(range(0, len(images), batch_size), desc="image features", unit="batch", leave=False,
+                      disable=None):
             pixels = processor(images=list(images[i : i + batch_size]), return_tensors="pt")["pixel_values"]
             out = model.vision_model(pixel_values=pixels.to(device))
             chunks.append(out.pooler_output.float().cpu())
@@ -275,7 +278,7 @@ def fit_heads(
     gen = torch.Generator().manual_seed(training.seed)
     device = model.visual_projection.weight.device
     losses: list[float] = []
-    for _ in range(training.steps):
+    for _ in tqdm(range(training.steps), desc="align heads", unit="step", leave=False, disable=None):
         idx = torch.randint(len(image_feats), (training.batch_size,), generator=gen)
         tmpl = torch.randint(text_feats.shape[0], (training.batch_size,), generator=gen)
         labels = targets[idx]
