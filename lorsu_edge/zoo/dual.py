@@ -20,9 +20,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 import torch.nn.functional as F
 from PIL import Image
+from tqdm.auto import tqdm
 from transformers import AutoTokenizer, VisionTextDualEncoderModel, VisionTextDualEncoderProcessor
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PILImageResampling
 from transformers.utils import logging as hf_logging
