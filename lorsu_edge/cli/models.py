@@ -24,9 +24,23 @@ def _build_dual(force: bool, seed: int) -> Path:
     return build_default_dual(force=force, seed=seed)
 
 
+def _build_vlm(force: bool, seed: int) -> Path:
+    from lorsu_edge.zoo.vlm import build_default_vlm
+
+    return build_default_vlm(force=force, seed=seed)
+
+
+def _build_gemma(force: bool, seed: int) -> Path:
+    from lorsu_edge.zoo.gemma import convert_gemma
+
+    return convert_gemma(force=force)  # a conversion: nothing random, the seed does not apply
+
+
 # What `models build NAME` can build. Each builder takes (force, seed) and returns the model folder.
 BUILDERS: dict[str, Callable[[bool, int], Path]] = {
-    "dual": _build_dual,
+    "dual": _build_dual,  # DINOv2-S + MiniLM dual encoder (the default --model)
+    "vlm": _build_vlm,  # DINOv2-S + Gemma-3-270M LLaVA (needs lorsu-edge[vlm])
+    "gemma": _build_gemma,  # Gemma-3-270M GGUF -> HF folder (part of `vlm`)
 }
 
 
