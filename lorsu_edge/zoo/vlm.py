@@ -23,14 +23,13 @@ final layer norm), so LoRSU can adapt all 12 blocks; CLS is dropped ("default" s
 from __future__ import annotations
 
 import contextlib
-import importlib.metadata
 import json
 import logging
 import math
 import re
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -48,7 +47,6 @@ from transformers import (
     LlavaProcessor,
 )
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PILImageResampling
-from transformers.utils import logging as hf_logging
 
 import lorsu_edge
 from lorsu_edge.errors import BadInputError, StorageError, TrainingError
@@ -131,19 +129,9 @@ def add_contiguous_lm_head_hook(model: nn.Module) -> torch.utils.hooks.Removable
     return model.get_output_embeddings().register_forward_pre_hook(_contiguous)
 
 
-@contextlib.contextmanager
-def _quiet_transformers() -> Iterator[None]:
-    level = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(level)
-
-
 def _load_towers(vision_dir: Path, text_dir: Path) -> tuple[nn.Module, nn.Module, object]:
     try:
-        with _quiet_transformers():
+        with cache.quiet_transformers():
             vision = AutoModel.from_pretrained(vision_dir, dtype=torch.float32)
             text = AutoModelForCausalLM.from_pretrained(text_dir, dtype=torch.float32)
             tokenizer = AutoTokenizer.from_pretrained(text_dir)
@@ -236,7 +224,7 @@ def _grow_vocab(model: LlavaForConditionalGeneration, size: int) -> None:
     old = model.get_input_embeddings().weight.shape[0]
     if size <= old:
         return
-    with _quiet_transformers():
+    with cache.quiet_transformers():
         model.resize_token_embeddings(size, mean_resizing=False)
     # New rows (the <image> placeholder) are zero: their input embedding is always replaced by
     # image features, and a zero output row keeps them out of the way of real words.
@@ -637,7 +625,7 @@ def build_vlm(dest: Path, options: VlmBuildOptions, vision_dir: Path | None = No
         "loss_last10_mean": sum(result.losses[-10:]) / max(1, len(result.losses[-10:])),
         "align_seconds": round(result.seconds, 1), "feature_seconds": round(result.feature_seconds, 1),
         "warm_start_seconds": round(result.warm_start_seconds, 1),
-        "source_versions": {p: _version(p) for p in SOURCE_PACKAGES},
+        "source_versions": {p: cache.package_version(p) for p in SOURCE_PACKAGES},
         "build_seconds": round(time.perf_counter() - start, 1),
     })
     (Path(dest) / ALIGNMENT_FILE).write_text(json.dumps(report, indent=2) + "\n")
@@ -655,8 +643,3 @@ def _evaluate(model: LlavaForConditionalGeneration, processor: LlavaProcessor,
                         "examples": [[lab, p] for (_, lab), p in list(zip(items, preds))[:: max(1, len(items) // 10)]]}}
 
 
-def _version(dist: str) -> str | None:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return None
