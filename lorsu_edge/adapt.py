@@ -151,10 +151,9 @@ def micro_batches(objective, samples: list[Sample], size: int) -> Iterator[tuple
         yield batch, batch.size
 
 
-def step_plan(samples: list[Sample], cfg: TrainConfig) -> tuple[int, int]:
-    """(steps per epoch, total steps): the last short batch of an epoch still counts as a step."""
-    per_epoch = math.ceil(len(samples) / cfg.batch_size)
-    return per_epoch, per_epoch * cfg.epochs
+def total_steps(samples: list[Sample], cfg: TrainConfig) -> int:
+    """Optimizer steps of the session: the last short batch of an epoch still counts as a step."""
+    return math.ceil(len(samples) / cfg.batch_size) * cfg.epochs
 
 
 def training_steps(objective, samples: list[Sample], cfg: TrainConfig) -> Iterator[list[Batch]]:
@@ -235,7 +234,7 @@ def run_session(opts: AdaptOptions, loaded: Loaded, samples: list[Sample], parti
                                templates=tuple(opts.templates) or templates or None)
     base_hash = tensors_hash(session_encoder(loaded))
     targets, counts = score_and_inject(loaded, objective, samples, opts, autocast, importance_groups)
-    _, n_steps = step_plan(samples, opts.train)
+    n_steps = total_steps(samples, opts.train)
     bar = _Progress(n_steps, opts.show_progress)
     try:
         result = train(model, lambda: training_steps(objective, samples, opts.train), n_steps, objective,

@@ -8,7 +8,7 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from functools import partial
 
 import torch
@@ -143,7 +143,3 @@ def train(model: nn.Module, steps: Callable[[], Iterator[list]], n_steps: int,
     if not losses:
         raise TrainingError("no training step ran", hint="no usable samples")
     return TrainResult(len(losses), losses, time.perf_counter() - start, precision)
-
-
-def config_dict(cfg: TrainConfig) -> dict:
-    return asdict(cfg)

@@ -13,7 +13,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -141,3 +141,20 @@ def package_version(dist: str) -> str | None:
         return importlib.metadata.version(dist)
     except importlib.metadata.PackageNotFoundError:
         return None
+
+
+def is_complete(path: Path, marker: str) -> bool:
+    """True if `path` holds a finished build: builders write `marker` last, next to config.json."""
+    return (path / marker).is_file() and (path / "config.json").is_file()
+
+
+def build_cached(name: str, marker: str, build: Callable[[Path], object], force: bool = False) -> Path:
+    """The cached model `name`, built once: under a lock, into a temp dir renamed into place, so a crash or a
+    concurrent build never leaves a half model that looks complete. Reused unless `force`."""
+    dest = model_dir(name)
+    with build_lock(dest):
+        if is_complete(dest, marker) and not force:
+            return dest
+        with atomic_dir(dest) as tmp:
+            build(tmp)
+    return dest

@@ -344,19 +344,13 @@ class DualBuildOptions:
 
 def is_built(path: Path) -> bool:
     """True if `path` holds a finished dual encoder (alignment.json is written last)."""
-    return (path / ALIGNMENT_FILE).is_file() and (path / "config.json").is_file()
+    return cache.is_complete(path, ALIGNMENT_FILE)
 
 
 def build_default_dual(force: bool = False, seed: int = 0) -> Path:
     """Build (or reuse) the cached default dual encoder `model_dir("dinov2s-minilm-dual")`."""
-    dest = cache.model_dir(DEFAULT_NAME)
-    with cache.build_lock(dest):
-        if is_built(dest) and not force:
-            return dest
-        options = DualBuildOptions(seed=seed, training=HeadTraining(seed=seed))
-        with cache.atomic_dir(dest) as tmp:
-            build_dual(tmp, options)
-    return dest
+    options = DualBuildOptions(seed=seed, training=HeadTraining(seed=seed))
+    return cache.build_cached(DEFAULT_NAME, ALIGNMENT_FILE, lambda tmp: build_dual(tmp, options), force)
 
 
 def _accuracy(model: VisionTextDualEncoderModel, feats: torch.Tensor, targets: torch.Tensor, text: torch.Tensor) -> float:
