@@ -125,13 +125,33 @@ def contrastive_loss(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, 
     return (loss_img + loss_txt) / 2
 
 
+def _user_turn(question: str) -> dict[str, Any]:
+    return {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}
+
+
 def vqa_prompt(processor: Any, question: str) -> str:
     """The model's chat template if it has one, else LLaVA-1.5's `USER: <image>\\n... ASSISTANT:`."""
     if getattr(processor, "chat_template", None):
-        conv = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-        return processor.apply_chat_template(conv, add_generation_prompt=True)
+        return processor.apply_chat_template([_user_turn(question)], add_generation_prompt=True)
     image_token = getattr(processor, "image_token", "<image>")
     return f"USER: {image_token}\n{question} ASSISTANT:"
+
+
+def vqa_text(processor: Any, question: str, answer: str) -> tuple[str, str]:
+    """(prompt, prompt + answer) in the form the model was trained to answer in.
+
+    With a chat template the answer turn is rendered by the template, so the target ends the way
+    the model's replies end (the default VLM stops at a newline, chat models at their end-of-turn
+    token); training on a different ending would teach the model not to stop. Without one, or if
+    the template's full turn does not start with its generation prompt, the answer is followed by eos.
+    """
+    prompt = vqa_prompt(processor, question)
+    if getattr(processor, "chat_template", None):
+        turn = {"role": "assistant", "content": [{"type": "text", "text": answer}]}
+        full = processor.apply_chat_template([_user_turn(question), turn])
+        if full.startswith(prompt) and len(full) > len(prompt):
+            return prompt, full
+    return prompt, f"{prompt} {answer}{processor.tokenizer.eos_token or ''}"
 
 
 class PerplexityObjective:
@@ -148,12 +168,9 @@ class PerplexityObjective:
     def make_batch(self, samples: list[Sample]) -> Batch:
         tok = self.processor.tokenizer
         images = [load_image(s.path) for s in samples]
-        prompts, fulls = [], []
-        for q, a in map(self.qa, samples):
-            prompts.append(vqa_prompt(self.processor, q))
-            fulls.append(f"{prompts[-1]} {a}{tok.eos_token or ''}")
+        prompts, fulls = zip(*(vqa_text(self.processor, q, a) for q, a in map(self.qa, samples)))
         tok.padding_side = "right"
-        enc = self.processor(images=images, text=fulls, padding=True, return_tensors="pt")
+        enc = self.processor(images=images, text=list(fulls), padding=True, return_tensors="pt")
         prompt_lens = [len(self.processor(images=[im], text=[p], return_tensors="pt")["input_ids"][0])
                        for im, p in zip(images, prompts)]
         labels = enc["input_ids"].clone()
@@ -164,7 +181,25 @@ class PerplexityObjective:
         return Batch({**enc, "labels": labels}, len(samples))
 
     def __call__(self, model: nn.Module, batch: Batch) -> torch.Tensor:
-        return model(**batch.inputs).loss
+        return answer_token_loss(model, batch.inputs)
+
+
+def answer_token_loss(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The model's own next-token loss (mean over answer tokens), with logits only where a label follows.
+
+    transformers projects every position (image tokens and prompt included) onto the vocabulary when it
+    computes `.loss`; on a small LM with a large vocabulary (Gemma-3-270M: 262k words, the head holds more
+    weights than the rest of the LM) that projection dominates the step. `logits_to_keep` (1-D positions,
+    shared by the batch) keeps the union of answer positions; the other rows' padding there is ignored.
+    """
+    inputs = dict(inputs)
+    labels = inputs.pop("labels")
+    targets = labels[:, 1:]  # the hidden state at t predicts token t + 1
+    keep = (targets != IGNORE).any(dim=0).nonzero().flatten()
+    if keep.numel() == 0:
+        raise BadInputError("no answer tokens in the batch", hint="check that the samples' answers are not empty")
+    logits = model(**inputs, logits_to_keep=keep.to(labels.device)).logits
+    return F.cross_entropy(logits.float().flatten(0, 1), targets[:, keep].flatten(), ignore_index=IGNORE)
 
 
 def make_objective(loss: str, model: nn.Module, spec: EncoderSpec, processor: Any, seed: int = 0,

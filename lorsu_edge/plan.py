@@ -574,7 +574,11 @@ def _clip_loss(model, batch):
 
 
 def _ppl_loss(model, batch):
-    """Next-token loss over image + text as transformers computes it (full logits, upcast to fp32)."""
+    """Next-token loss with logits over the text positions, upcast to fp32.
+
+    The objective (`losses.answer_token_loss`) projects only the answer positions onto the vocabulary;
+    every text position is their upper bound (the prompt's text is short beside the image tokens).
+    """
     import torch
     import torch.nn.functional as F
 
@@ -584,9 +588,9 @@ def _ppl_loss(model, batch):
     emb = model.get_input_embeddings()(batch["input_ids"])
     x = torch.cat([emb[:, :1], feats.to(emb.dtype), emb[:, 1:]], dim=1)
     hidden = _language_model(model)(inputs_embeds=x, use_cache=False).last_hidden_state
-    logits = model.get_output_embeddings()(hidden).float()
-    labels = F.pad(torch.zeros(x.shape[:2], dtype=torch.long), (0, 1), value=-100)[:, 1:]
-    return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+    logits = model.get_output_embeddings()(hidden[:, 1 + feats.shape[1]:]).float()
+    labels = torch.zeros(logits.shape[:2], dtype=torch.long)
+    return F.cross_entropy(logits.flatten(0, 1), labels.flatten())
 
 
 def _inputs(arch: Arch, spec, micro_batch: int, vocab: int) -> dict[str, Any]:
