@@ -1,5 +1,6 @@
 """The demo's pipeline (data -> sessions guarded by a control set -> export -> table and plot) on a tiny model."""
 
+import importlib.util
 import json
 
 import pytest
@@ -42,3 +43,85 @@ def test_split_per_class_is_disjoint_and_sized():
     assert len(set(flat)) == len(flat) == 14
     with pytest.raises(BadInputError, match="per class"):
         split_per_class(items, [5, 5])
+
+
+def test_for_kind_fills_the_protocol_and_keeps_overrides(tmp_path):
+    from lorsu_edge.demo import PROTOCOLS
+
+    vlm = DemoOptions.for_kind("vlm", workdir=tmp_path, sessions=None, shots=2, epochs=None, lr=None)
+    p = PROTOCOLS["vlm"]
+    assert (vlm.kind, vlm.sessions, vlm.shots, vlm.train.epochs, vlm.train.lr) == ("vlm", p.sessions, 2, p.epochs, p.lr)
+    assert vlm.protocol.loss == "ppl" and DemoOptions.for_kind("dual").protocol.loss == "clip"
+    with pytest.raises(BadInputError, match="unknown demo"):
+        DemoOptions.for_kind("audio")
+
+
+def test_cli_help_states_each_protocols_defaults():
+    import typer
+
+    from lorsu_edge.cli.main import app
+    from lorsu_edge.demo import PROTOCOLS
+
+    demo = typer.main.get_command(app).commands["demo"]
+    helps = {p.name: p.help for p in demo.params}
+    d, v = PROTOCOLS["dual"], PROTOCOLS["vlm"]
+    for name in ("sessions", "shots", "epochs", "lr"):
+        assert f"(default {getattr(d, name):g}; {getattr(v, name):g} with --vlm)" in helps[name]
+
+
+HAVE_ANIMALS = importlib.util.find_spec("animal_mnist") is not None
+
+
+@pytest.mark.skipif(not HAVE_ANIMALS, reason="needs animal-mnist: pip install --no-deps animal-mnist==0.4")
+def test_vlm_data_negatives_are_unseen_and_control_starts_with_the_vlms_held_out_set(tmp_path):
+    import hashlib
+
+    import numpy as np
+
+    from lorsu_edge.demo import vlm_data
+    from lorsu_edge.samples import load_image, read_samples
+    from lorsu_edge.zoo import datasets
+    from lorsu_edge.zoo.vlm import EVAL_QUESTION, VlmBuildOptions
+
+    build = VlmBuildOptions()
+    opts = DemoOptions.for_kind("vlm", workdir=tmp_path, sessions=2, shots=1, eval_per_class=1,
+                                control_per_class=build.eval_per_class + 2)
+    data = vlm_data(opts, tmp_path / "data")
+    images, _ = datasets.animal_mnist_arrays()
+    align, heldout = datasets.animal_mnist_split(build.seed, build.align_per_class, build.eval_per_class)
+
+    def digest(arr) -> str:
+        return hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest()
+
+    def gray(sample) -> np.ndarray:
+        return np.asarray(load_image(sample.path).convert("L"))
+
+    aligned, held = {digest(images[i]) for i in align}, {digest(images[i]) for i in heldout}
+    shown = []
+    for folder in [*data.sessions, data.target_eval]:
+        samples = read_samples(folder).samples
+        assert len(samples) == 10 and all(s.is_vqa and s.answer.split()[0] in ("a", "an") for s in samples)
+        assert all(gray(s).mean() > 128 for s in samples)  # negatives: dark silhouette on a light ground
+        shown += [digest(255 - gray(s)) for s in samples]
+    assert not (aligned | held) & set(shown) and len(set(shown)) == len(shown) == 30  # unseen, disjoint
+    control = [digest(gray(s)) for s in read_samples(data.control).samples]
+    assert len(set(control)) == len(control) == 10 * opts.control_per_class
+    extra = set(control) - held  # the top-up: unseen, and none of the negatives' originals
+    assert set(control) >= held and len(extra) == 20 and not extra & (aligned | set(shown))
+
+
+def toy_vqa_data(opts: DemoOptions, root) -> DemoData:
+    sessions = [write_toy_images(root / f"s{i}", per_class=opts.shots, seed=i, vqa=True) for i in range(opts.sessions)]
+    return DemoData(sessions, write_toy_images(root / "eval", per_class=2, seed=50, vqa=True),
+                    write_toy_images(root / "control", per_class=2, seed=60, vqa=True))
+
+
+def test_vlm_demo_pipeline_trains_with_the_perplexity_loss(tmp_path):
+    model = save_tiny("llava", tmp_path / "llava")
+    opts = DemoOptions.for_kind("vlm", workdir=tmp_path / "demo", model=str(model), sessions=1, shots=2,
+                                eval_per_class=2, epochs=1, lr=1e-3, max_forgetting=100, show_progress=False)
+    summary = run_demo(opts, make_data=toy_vqa_data)
+    assert summary["kind"] == "vlm" and [r["session"] for r in summary["rows"]] == ["base", 1]
+    assert summary["rows"][1]["status"] == "accepted" and summary["export"]["max_abs_diff"] < 1e-3
+    report = json.loads((tmp_path / "demo" / "runs" / "sessions" / "0001" / "report.json").read_text())
+    assert report["loss"] == "ppl" and report["steps"] == 1

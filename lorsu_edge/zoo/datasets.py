@@ -79,6 +79,20 @@ def animal_mnist_split(seed: int, align_per_class: int, control_per_class: int) 
     return align, control
 
 
+def animal_mnist_unused(exclude: Sequence[int], seed: int) -> list[int]:
+    """Indices of images no model has seen, shuffled with `seed`: not in `exclude`, and no pixel-for-pixel
+    copy of an excluded image or of each other (animal-mnist holds 284 images twice)."""
+    images, labels = animal_mnist_arrays()
+    seen = {images[i].tobytes() for i in exclude}
+    kept = []
+    for i in np.random.default_rng(seed).permutation(len(labels)).tolist():
+        key = images[i].tobytes()
+        if key not in seen:
+            seen.add(key)
+            kept.append(i)
+    return kept
+
+
 def load_animal_mnist(indices: Sequence[int] | None = None) -> list[Item]:
     """animal-mnist images (RGB PIL) with their animal names; all 10,000 if `indices` is None."""
     images, labels = animal_mnist_arrays()
@@ -125,6 +139,29 @@ def write_class_folders(items: Sequence[Item], dest: Path) -> Path:
             (dest / label).mkdir(parents=True, exist_ok=True)
             image.save(dest / label / f"{n:05d}.png")
             counts[label] = n + 1
+    except OSError as exc:
+        raise StorageError(f"cannot write images under {dest}: {exc}", hint="check free space and permissions") from exc
+    return dest
+
+
+def write_vqa_manifest(items: Sequence[tuple[Image.Image, str, str]], dest: Path) -> Path:
+    """Write `dest/NNNNN.png` + `dest/manifest.jsonl` rows {image, question, answer}; return dest.
+
+    The VQA layout `lorsu-edge adapt --data DIR` reads. Refuses a non-empty `dest`, like
+    `write_class_folders`.
+    """
+    import json
+
+    dest = Path(dest)
+    if dest.exists() and any(dest.iterdir()):
+        raise BadInputError(f"{dest} is not empty", hint="choose a new folder or empty it first")
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+        rows = []
+        for n, (image, question, answer) in enumerate(items):
+            image.save(dest / f"{n:05d}.png")
+            rows.append(json.dumps({"image": f"{n:05d}.png", "question": question, "answer": answer}))
+        (dest / "manifest.jsonl").write_text("\n".join(rows) + "\n")
     except OSError as exc:
         raise StorageError(f"cannot write images under {dest}: {exc}", hint="check free space and permissions") from exc
     return dest
