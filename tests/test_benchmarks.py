@@ -89,3 +89,17 @@ def test_bench_clip_l_state_smoke(tmp_path):
     assert lorsu["adam_state_bytes"] < dense["adam_state_bytes"]
     assert lorsu["mask_bytes"] == 0 < dense["mask_bytes"]
     assert doc["dense_over_lorsu"]["adam_state_bytes"] > 1
+
+
+def test_bench_vlm_step_smoke(tmp_path):
+    doc, stdout = _smoke("bench_vlm_step", tmp_path)
+    assert set(doc["rows"]) == {"step", "full-logits", "tower"}
+    info = doc["info"]
+    assert 0 < info["answer_tokens"] < info["batch"] * info["sequence_tokens"]
+    assert 0 < info["image_tokens"] < info["sequence_tokens"] and info["trainable_params"] > 0
+    for r in doc["rows"].values():
+        assert r["step_s"] > 0 and r["forward_s"] > 0 and r["loss"] == r["loss"]  # not NaN
+    s = doc["summary"]
+    assert s["per_sample_s"] == doc["rows"]["step"]["step_s"] / info["batch"]
+    assert s["lm_share_wall"] == 1 - doc["rows"]["tower"]["step_s"] / doc["rows"]["step"]["step_s"]
+    assert "language model + loss share" in stdout
