@@ -319,11 +319,13 @@ def guard(before: dict[str, float], after: dict[str, float], max_forgetting: flo
     fields.update({f"{k}_accuracy": v for k, v in after.items()})
     if "control" not in before:
         return True, "no control set", fields
-    drop = 100 * (before["control"] - after["control"])
+    # rounded: 0.62 - 0.61 is 0.010000000000000009 in floats, and a drop of exactly the limit is allowed
+    drop = round(100 * (before["control"] - after["control"]), 9)
     fields["forgetting_points"] = round(drop, 3)
+    shown = round(drop, 2) + 0.0  # "+0", never "-0"
     if drop > max_forgetting:
-        return False, f"control accuracy fell {drop:.1f} points (limit {max_forgetting:g})", fields
-    return True, f"control accuracy changed {-drop:+.1f} points (limit -{max_forgetting:g})", fields
+        return False, f"control accuracy fell {shown:g} points (limit {max_forgetting:g})", fields
+    return True, f"control accuracy changed {-shown + 0.0:+g} points (limit -{max_forgetting:g})", fields
 
 
 def adapt(opts: AdaptOptions) -> AdaptResult:

@@ -321,3 +321,16 @@ def test_report_has_predicted_and_measured_peak(tmp_path, clip_dir):
     report = json.loads((_session(wd) / "report.json").read_text())
     assert report["predicted_peak_bytes"] > 0 and report["peak_memory_bytes"] > 0
     assert report["budget_bytes"] <= 8 * 10**9 and report["plan"]["micro_batch"] >= 1
+
+
+def test_guard_allows_a_drop_of_exactly_the_limit():
+    from lorsu_edge.adapt import guard
+
+    # 400 control images: 1 point is 4 images; 0.62 - 0.61 is 0.010000000000000009 in floats
+    ok, reason, fields = guard({"control": 0.62}, {"control": 0.61}, 1.0)
+    assert ok and fields["forgetting_points"] == 1.0, reason
+    ok, reason, _ = guard({"control": 0.62}, {"control": 0.6175}, 0.2)
+    assert not ok and reason == "control accuracy fell 0.25 points (limit 0.2)"
+    ok, reason, _ = guard({"control": 0.5}, {"control": 0.9}, 0.0)
+    assert ok and reason == "control accuracy changed +40 points (limit -0)"
+    assert guard({"control": 0.5}, {"control": 0.5}, 1.0)[1] == "control accuracy changed +0 points (limit -1)"
