@@ -19,7 +19,7 @@ LM share = 1 - tower / step (wall and CPU time); forward-only times are reported
 Needs the built default VLM (`lorsu-edge models build vlm`), skipped with a message otherwise.
 
     python benchmarks/bench_vlm_step.py                  # ~2 min; writes benchmarks/results/bench_vlm_step.json
-    python benchmarks/bench_vlm_step.py --quantize none  # bf16 language model instead of 4-bit
+    python benchmarks/bench_vlm_step.py --quantize none  # unquantized LM (fp32 weights, bf16 autocast)
     python benchmarks/bench_vlm_step.py --smoke          # tiny random LLaVA, seconds
 """
 
@@ -168,6 +168,11 @@ def table(doc: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def result_name(args) -> str:
+    """bench_vlm_step.json for the 4-bit language model; bench_vlm_step_<quantize>.json otherwise."""
+    return "bench_vlm_step" if args.smoke or args.quantize == "4bit" else f"bench_vlm_step_{args.quantize}"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = C.base_parser(__doc__)
     ap.add_argument("--batch", type=int, default=8)
@@ -184,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     doc = run(args)
     print(table(doc))
-    print(f"wrote {C.write_results(doc, 'bench_vlm_step', args.smoke, args.results_dir)}")
+    print(f"wrote {C.write_results(doc, result_name(args), args.smoke, args.results_dir)}")
     return 0
 
 

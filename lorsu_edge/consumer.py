@@ -53,3 +53,16 @@ def image_features(model: nn.Module, spec: EncoderSpec, pixel_values: torch.Tens
     out = model(pixel_values=pixel_values)
     pooled = getattr(out, "pooler_output", None)
     return pooled if pooled is not None else out.last_hidden_state[:, 0]
+
+
+def add_contiguous_lm_head_hook(model: nn.Module) -> torch.utils.hooks.RemovableHandle:
+    """Make the LM head's input contiguous before its matmul; returns the hook handle.
+
+    generate() slices the last position out of the hidden states, and on CPU a bf16 F.linear
+    on a non-contiguous input is ~125x slower (torch 2.13). Hooks are not saved with a model:
+    call this after every load.
+    """
+    def _contiguous(_module: nn.Module, args: tuple) -> tuple:
+        return (args[0].contiguous(), *args[1:])
+
+    return model.get_output_embeddings().register_forward_pre_hook(_contiguous)

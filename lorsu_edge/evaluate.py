@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from lorsu_edge.consumer import embedding, image_features
+from lorsu_edge.consumer import add_contiguous_lm_head_hook, embedding, image_features
 from lorsu_edge.errors import BadInputError
 from lorsu_edge.load import Loaded
 from lorsu_edge.losses import DEFAULT_TEMPLATES, LABEL_QUESTION, vqa_prompt
@@ -87,16 +87,11 @@ def _dual_predictions(loaded: Loaded, samples: list[Sample], batch_size: int, au
     return hits
 
 
-def _contiguous_lm_head(model) -> torch.utils.hooks.RemovableHandle:
-    """generate() slices the last hidden state; bf16 F.linear on a non-contiguous input is ~125x slower on CPU."""
-    return model.get_output_embeddings().register_forward_pre_hook(lambda m, args: (args[0].contiguous(),))
-
-
 @torch.no_grad()
 def _vlm_hits(loaded: Loaded, samples: list[Sample], batch_size: int, autocast, max_new_tokens: int) -> list[int]:
     proc, tok = loaded.processor, loaded.processor.tokenizer
     tok.padding_side = "left"  # generation continues from the right edge of every row
-    handle = _contiguous_lm_head(loaded.model)
+    handle = add_contiguous_lm_head_hook(loaded.model)
     hits = []
     try:
         for i in range(0, len(samples), batch_size):

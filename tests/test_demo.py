@@ -104,7 +104,10 @@ def test_vlm_data_negatives_are_unseen_and_control_starts_with_the_vlms_held_out
         assert all(gray(s).mean() > 128 for s in samples)  # negatives: dark silhouette on a light ground
         shown += [digest(255 - gray(s)) for s in samples]
     assert not (aligned | held) & set(shown) and len(set(shown)) == len(shown) == 30  # unseen, disjoint
-    control = [digest(gray(s)) for s in read_samples(data.control).samples]
+    assert {s.question for s in read_samples(data.target_eval).samples} == {EVAL_QUESTION}
+    control_samples = read_samples(data.control).samples
+    assert {s.question for s in control_samples} == {EVAL_QUESTION}
+    control = [digest(gray(s)) for s in control_samples]
     assert len(set(control)) == len(control) == 10 * opts.control_per_class
     extra = set(control) - held  # the top-up: unseen, and none of the negatives' originals
     assert set(control) >= held and len(extra) == 20 and not extra & (aligned | set(shown))

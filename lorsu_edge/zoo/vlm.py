@@ -49,6 +49,7 @@ from transformers import (
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PILImageResampling
 
 import lorsu_edge
+from lorsu_edge.consumer import add_contiguous_lm_head_hook  # noqa: F401 (part of this module's API)
 from lorsu_edge.errors import BadInputError, StorageError, TrainingError
 from lorsu_edge.zoo import cache, datasets, dinov2, gemma
 
@@ -114,19 +115,6 @@ def make_image_processor(image_size: int = IMAGE_SIZE) -> BitImageProcessor:
         do_rescale=True, do_normalize=True, image_mean=list(IMAGENET_DEFAULT_MEAN),
         image_std=list(IMAGENET_DEFAULT_STD), do_convert_rgb=True,
     )
-
-
-def add_contiguous_lm_head_hook(model: nn.Module) -> torch.utils.hooks.RemovableHandle:
-    """Make the LM head's input contiguous before its matmul; returns the hook handle.
-
-    generate() slices the last position out of the hidden states, and on CPU a bf16 F.linear
-    on a non-contiguous input is ~125x slower (torch 2.13). Hooks are not saved with a model:
-    call this after every load.
-    """
-    def _contiguous(_module: nn.Module, args: tuple) -> tuple:
-        return (args[0].contiguous(), *args[1:])
-
-    return model.get_output_embeddings().register_forward_pre_hook(_contiguous)
 
 
 def _load_towers(vision_dir: Path, text_dir: Path) -> tuple[nn.Module, nn.Module, object]:
