@@ -62,6 +62,8 @@ class AdaptOptions:
     control: Path | None = None
     eval_data: Path | None = None
     max_forgetting: float = 1.0
+    # points below the base model's control accuracy a session may end at (None: the workdir's, else off)
+    max_total_forgetting: float | None = None
     save_full: Path | None = None
     show_progress: bool = True
 
@@ -282,6 +284,15 @@ def load_eval_sets(opts: AdaptOptions, wd: Workdir) -> dict[str, SampleSet]:
     return sets
 
 
+def remembered_total_limit(opts: AdaptOptions, wd: Workdir) -> float | None:
+    """`--max-total-forgetting` given now (and remembered), else the workdir's, else None (off)."""
+    if opts.max_total_forgetting is not None:
+        wd.update_settings(max_total_forgetting=opts.max_total_forgetting)
+        return opts.max_total_forgetting
+    limit = wd.settings().get("max_total_forgetting")
+    return None if limit is None else float(limit)
+
+
 def set_fingerprint(samples: SampleSet) -> str:
     """Identity of an evaluation set: its images, labels, questions, answers and caption templates."""
     rows = sorted((s.sha256, s.label or "", s.question or "", s.answer or "") for s in samples.samples)
@@ -313,19 +324,60 @@ def score_sets(loaded: Loaded, sets: dict[str, SampleSet], device: torch.device,
     return scores
 
 
-def guard(before: dict[str, float], after: dict[str, float], max_forgetting: float) -> tuple[bool, str, dict]:
-    """Accept unless control accuracy fell by more than `max_forgetting` points."""
+def guard(before: dict[str, float], after: dict[str, float], max_forgetting: float,
+          base: float | None = None, max_total: float | None = None) -> tuple[bool, str, dict]:
+    """Accept unless control accuracy fell by more than `max_forgetting` points in this session, or (with
+    `max_total` and the base model's control accuracy `base`) ends more than `max_total` points below base.
+
+    The per-session check alone lets drops just under the limit add up night after night; the base-relative
+    one bounds the sum.
+    """
     fields = {f"{k}_accuracy_before": v for k, v in before.items()}
     fields.update({f"{k}_accuracy": v for k, v in after.items()})
     if "control" not in before:
         return True, "no control set", fields
-    # rounded: 0.62 - 0.61 is 0.010000000000000009 in floats, and a drop of exactly the limit is allowed
-    drop = round(100 * (before["control"] - after["control"]), 9)
+    drop = _points(before["control"] - after["control"])
     fields["forgetting_points"] = round(drop, 3)
-    shown = round(drop, 2) + 0.0  # "+0", never "-0"
     if drop > max_forgetting:
-        return False, f"control accuracy fell {shown:g} points (limit {max_forgetting:g})", fields
-    return True, f"control accuracy changed {-shown + 0.0:+g} points (limit -{max_forgetting:g})", fields
+        return False, f"control accuracy fell {_shown(drop)} points (limit {max_forgetting:g})", fields
+    reason = f"control accuracy changed {_shown(-drop, sign=True)} points (limit -{max_forgetting:g})"
+    if base is None or max_total is None:
+        return True, reason, fields
+    total = _points(base - after["control"])
+    fields.update(control_accuracy_base=base, total_forgetting_points=round(total, 3))
+    if total > max_total:
+        return False, (f"control accuracy is {_shown(total)} points below the base model's "
+                       f"(limit {max_total:g})"), fields
+    return True, f"{reason}; {_shown(-total, sign=True)} vs base (limit -{max_total:g})", fields
+
+
+def _points(delta: float) -> float:
+    # rounded: 0.62 - 0.61 is 0.010000000000000009 in floats, and a drop of exactly the limit is allowed
+    return round(100 * delta, 9)
+
+
+def _shown(points: float, sign: bool = False) -> str:
+    value = round(points, 2) + 0.0  # two decimals, and "+0", never "-0"
+    return f"{value:+g}" if sign else f"{value:g}"
+
+
+def base_control_score(wd: Workdir, loaded: Loaded, eval_sets: dict[str, SampleSet], device: torch.device,
+                       precision: str, limit: float | None) -> float | None:
+    """The base model's control accuracy for the bound `limit` (None when off or without a control set).
+
+    Call it while `loaded` still holds the base encoder. Remembered per control set (fingerprint) in the
+    workdir, so the base is scored once per control set: by the first session's "before" when that one
+    starts from the base, else here.
+    """
+    if limit is None or "control" not in eval_sets:
+        return None
+    fingerprint = set_fingerprint(eval_sets["control"])
+    known = wd.settings().get("base_scores", {})
+    if fingerprint not in known:
+        score = score_sets(loaded, {"control": eval_sets["control"]}, device, precision)["control"]
+        wd.update_settings(base_scores={**known, fingerprint: score})
+        return score
+    return float(known[fingerprint])
 
 
 def adapt(opts: AdaptOptions) -> AdaptResult:
@@ -380,16 +432,21 @@ def _adapt_locked(opts: AdaptOptions, wd: Workdir, start: float) -> AdaptResult:
             apply_checkpointing(loaded.model, loaded.spec)
         fault_point("load")
         current = wd.current()
+        total_limit = remembered_total_limit(opts, wd)
+        base_score = base_control_score(wd, loaded, eval_sets, device, precision, total_limit)
         if current:  # chaining: start from the accepted encoder (base + all accepted sessions, merged)
             apply_encoder(loaded, wd.session_dir(current) / ENCODER_FILE)
         if not wd.settings().get("base_model"):
             wd.update_settings(base_model=base)
-        before = score_sets(loaded, eval_sets, device, precision, known_scores(wd, current))
+        known = known_scores(wd, current)
+        if current is None and base_score is not None:  # the base was just scored: no second pass
+            known["control"] = (set_fingerprint(eval_sets["control"]), base_score)
+        before = score_sets(loaded, eval_sets, device, precision, known)
         with wd.staged_session() as partial:
             body = run_session(opts, loaded, fresh, partial, device, loss, sample_set.templates,
                                plan.importance_block_groups)
             accepted, reason, scores = guard(before, score_sets(loaded, eval_sets, device, precision),
-                                             opts.max_forgetting)
+                                             opts.max_forgetting, base_score, total_limit)
             report = {
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "model": base,
                 "data": str(opts.data), "parent_session": current, "samples_used": len(fresh),

@@ -334,3 +334,43 @@ def test_guard_allows_a_drop_of_exactly_the_limit():
     ok, reason, _ = guard({"control": 0.5}, {"control": 0.9}, 0.0)
     assert ok and reason == "control accuracy changed +40 points (limit -0)"
     assert guard({"control": 0.5}, {"control": 0.5}, 1.0)[1] == "control accuracy changed +0 points (limit -1)"
+
+
+def test_guard_bounds_the_drift_from_the_base_model():
+    from lorsu_edge.adapt import guard
+
+    # each session within 1 point of the last, but 2.5 points below base in all
+    ok, reason, fields = guard({"control": 0.615}, {"control": 0.605}, 1.0, base=0.63, max_total=2.0)
+    assert not ok and reason == "control accuracy is 2.5 points below the base model's (limit 2)"
+    assert fields["control_accuracy_base"] == 0.63 and fields["total_forgetting_points"] == 2.5
+    ok, reason, _ = guard({"control": 0.615}, {"control": 0.605}, 1.0, base=0.63, max_total=3.0)
+    assert ok and reason.endswith("; -2.5 vs base (limit -3)")
+    assert guard({"control": 0.615}, {"control": 0.605}, 1.0)[0]  # no bound: the per-session check alone
+
+
+def test_total_forgetting_bound_scores_the_base_once_and_is_remembered(tmp_path, clip_dir):
+    control = write_toy_images(tmp_path / "control", seed=11)
+    wd = tmp_path / "runs"
+
+    def run(seed: int, *extra: str) -> dict:
+        r = _adapt("--data", str(write_toy_images(tmp_path / f"d{seed}", seed=seed)), "--workdir", str(wd),
+                   "--model", str(clip_dir), "--epochs", "1", "--lr", "1e-2", "--max-forgetting", "100", *FAST,
+                   "--json", *extra)
+        assert r.exit_code in (0, 6), r.output
+        return _json_line(r.output)
+
+    assert run(1)["status"] == "accepted"  # no control set yet: the encoder moves away from the base
+    # the bound, first given with a control set: the base is scored with the base encoder, not session 1's
+    line = run(2, "--control", str(control), "--max-total-forgetting", "-1000")
+    assert line["status"] == "rejected" and "below the base model's (limit -1000)" in line["reason"]
+    base = _json_line(runner.invoke(app, ["eval", "--data", str(control), "--workdir", str(wd), "--base",
+                                          "--json"]).output)["accuracy"]
+    report = json.loads((_session(wd, "0002") / "report.json").read_text())
+    assert report["control_accuracy_base"] == pytest.approx(base)
+    settings = json.loads((wd / "workdir.json").read_text())["settings"]
+    assert settings["max_total_forgetting"] == -1000 and list(settings["base_scores"].values()) == [report[
+        "control_accuracy_base"]]
+    # remembered: the next run is bound without the flag; a new limit replaces it
+    assert run(3)["status"] == "rejected"
+    line = run(4, "--max-total-forgetting", "1000")
+    assert line["status"] == "accepted" and "vs base (limit -1000)" in line["reason"]

@@ -63,6 +63,9 @@ def command(
     eval_data: Annotated[Path | None, typer.Option("--eval", help="target eval set, scored before and after")] = None,
     max_forgetting: Annotated[float, typer.Option(help="reject the session if control accuracy drops by more "
                                                        "than this many points")] = 1.0,
+    max_total_forgetting: Annotated[float | None, typer.Option(
+        help="also reject it if control accuracy ends more than this many points below the base model's "
+             "(bounds drift over many sessions; the workdir remembers it; off by default)")] = None,
     min_new_samples: Annotated[int, typer.Option(help="do nothing (exit 0) with fewer new samples than this")] = 1,
     save_full: Annotated[Path | None, typer.Option(help="also write a complete model folder here "
                                                         "(loads with the family's from_pretrained)")] = None,
@@ -81,7 +84,7 @@ def command(
             train=TrainConfig(epochs, batch_size, None, lr, weight_decay, warmup_ratio, max_grad_norm,
                               precision, seed),
             min_new_samples=min_new_samples, control=control, eval_data=eval_data, max_forgetting=max_forgetting,
-            save_full=save_full, show_progress=progress,
+            max_total_forgetting=max_total_forgetting, save_full=save_full, show_progress=progress,
         )
     except ValueError as e:
         raise BadInputError(str(e), hint="see lorsu-edge adapt --help") from None
