@@ -115,14 +115,12 @@ def plan_run(base: str, opts: AdaptOptions, loss: str, role: str, precision: str
     `--quantize auto` means 4-bit where bitsandbytes works. Where it does not, the plan is made for an
     unquantized LLM, so a fallback at load time can never break the budget."""
     from lorsu_edge.load import bitsandbytes_status
-    from lorsu_edge.plan import check_fits, make_plan
+    from lorsu_edge.plan import check_fits, make_plan, resolve_quantize
 
-    quantize = opts.quantize
-    if role == "vlm" and loss == "ppl" and quantize != "none":
-        problem = bitsandbytes_status()
-        if problem:
-            log.warning("bitsandbytes is unusable here (%s): planning for an unquantized language model", problem)
-        quantize = "none" if problem else ("4bit" if quantize == "auto" else quantize)
+    problem = bitsandbytes_status() if role == "vlm" and loss == "ppl" and opts.quantize != "none" else None
+    if problem:
+        log.warning("bitsandbytes is unusable here (%s): planning for an unquantized language model", problem)
+    quantize = resolve_quantize(opts.quantize, role, loss, bitsandbytes_works=problem is None)
     text_model = resolve_source(opts.text_model) if opts.text_model else None
     plan = make_plan(resolve_source(base), method_cfg=opts.method, loss=loss, batch_size=opts.train.batch_size,
                      budget_bytes=opts.budget, profile=opts.profile, dtype=precision, quantize=quantize,

@@ -936,6 +936,19 @@ def _divisors_desc(n: int) -> list[int]:
     return [d for d in range(n, 0, -1) if n % d == 0]
 
 
+def resolve_quantize(quantize: str, role: str, loss: str, bitsandbytes_works: bool) -> str:
+    """What `adapt` and `plan` load the LLM as: `auto` is 4-bit NF4 where bitsandbytes works, else none.
+
+    Only a VLM under --loss ppl loads its LLM. Where bitsandbytes does not work, an explicit 8bit/4bit
+    also becomes none: `adapt` falls back to an unquantized LLM at load time, so the plan must budget for it.
+    """
+    if role != "vlm" or loss != "ppl" or quantize == "none":
+        return quantize
+    if not bitsandbytes_works:
+        return "none"
+    return "4bit" if quantize == "auto" else quantize
+
+
 def _quant_options(ctx: _Context, quantize: str) -> list[str]:
     if not ctx.arch.llm_layers:
         return ["none"]

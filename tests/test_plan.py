@@ -454,3 +454,17 @@ def test_importance_groups_bound_the_accumulators(llava7b: Path) -> None:
     assert tight.fits and tight.importance_block_groups > 1
     acc = next(c.bytes for c in tight.phase("importance").components if c.name == "importance accumulators")
     assert acc < everything // 2 + everything // len(arch.candidate_numels)
+
+
+def test_cli_plan_quantizes_as_adapt_does(tiny_dirs: dict[str, Path]) -> None:
+    """`--quantize auto` means 4-bit where bitsandbytes works, for `plan` (per profile) as for `adapt`."""
+    def planned(*extra: str) -> str:
+        result = CliRunner().invoke(_app(), ["plan", "--model", str(tiny_dirs["llava"]), "--json", *extra])
+        assert result.exit_code == 0, result.output
+        return json.loads(result.output.splitlines()[0])["quantize"]
+
+    assert planned("--profile", "cpu") == "4bit"  # bnb_4bit = true
+    assert planned("--profile", "jetson-orin-nano-8gb") == "none"  # PyPI bitsandbytes fails there
+    assert planned("--profile", "cpu", "--quantize", "8bit") == "8bit"
+    assert P.resolve_quantize("auto", "vlm", "clip", True) == "auto"  # no LLM is loaded: the planner's call
+    assert P.resolve_quantize("4bit", "vlm", "ppl", False) == "none"  # adapt falls back at load time

@@ -36,8 +36,8 @@ def command(
                                                     "limit: the profile's total minus its reserve")] = None,
     profile: Annotated[str, typer.Option(help="device profile name or .toml path (lorsu-edge profiles); auto: "
                                               "cpu, or the GPU found")] = "auto",
-    quantize: Annotated[str, typer.Option(help="LLM weights: auto (planner picks none, 8bit or 4bit) | none | "
-                                               "8bit | 4bit")] = "auto",
+    quantize: Annotated[str, typer.Option(help="LLM weights: auto (as adapt: 4bit where the profile says "
+                                               "bitsandbytes works, else none) | none | 8bit | 4bit")] = "auto",
     dtype: Annotated[str, typer.Option("--dtype", "--precision", help="compute dtype: auto (the profile's first) "
                                                                       "| bf16 | fp16 | fp32")] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="print the plan as JSON (bytes) instead of a table")] = False,
@@ -45,7 +45,7 @@ def command(
     """Plan a run: per-phase, per-component memory, and the micro-batch, checkpointing, quantization and
     importance grouping that fit the budget. Exits 4 if nothing fits."""
     from lorsu_edge.budget import parse_size
-    from lorsu_edge.plan import check_fits, format_plan, make_plan
+    from lorsu_edge.plan import check_fits, format_plan, make_plan, read_config, resolve_quantize, role_of
     from lorsu_edge.profiles import resolve
 
     try:
@@ -58,7 +58,9 @@ def command(
     budget_bytes = None if budget is None else parse_size(budget)
     prof = resolve(profile)
     source = model or _default_model()
-    plan = make_plan(source, method_cfg=method_cfg, loss=loss or _default_loss(source), batch_size=batch_size,
+    loss = loss or _default_loss(source)
+    quantize = resolve_quantize(quantize, role_of(read_config(source)[0]), loss, bitsandbytes_works=prof.bnb_4bit)
+    plan = make_plan(source, method_cfg=method_cfg, loss=loss, batch_size=batch_size,
                      budget_bytes=budget_bytes, profile=prof, dtype=dtype, quantize=quantize, text_model=text_model)
     typer.echo(json.dumps(plan.to_dict(), default=str) if as_json else format_plan(plan))
     check_fits(plan)
