@@ -54,14 +54,11 @@ def write_data(dest: Path, n: int, smoke: bool) -> Path:
         from lorsu_edge.tiny import write_toy_images
 
         return write_toy_images(dest, per_class=max(1, n // 2), vqa=True)
-    from lorsu_edge.demo import negative_vqa
-    from lorsu_edge.zoo import datasets
-    from lorsu_edge.zoo.vlm import ANIMAL_QUESTIONS, VlmBuildOptions
-    from lorsu_edge.zoo.datasets import write_vqa_manifest
+    from lorsu_edge.demo import negative_vqa, vlm_split
+    from lorsu_edge.zoo.datasets import load_animal_mnist, write_vqa_manifest
+    from lorsu_edge.zoo.vlm import ANIMAL_QUESTIONS
 
-    build = VlmBuildOptions()
-    align, heldout = datasets.animal_mnist_split(build.seed, build.align_per_class, build.eval_per_class)
-    items = datasets.load_animal_mnist(datasets.animal_mnist_unused(align + heldout, seed=0)[:n])
+    items = load_animal_mnist(vlm_split(seed=0)[1][:n])
     return write_vqa_manifest(negative_vqa(items, ANIMAL_QUESTIONS, seed=0), dest)
 
 

@@ -49,6 +49,10 @@ class Protocol:
     lr: float
     batch_size: int
 
+    def train_config(self, seed: int = 0, epochs: int | None = None, lr: float | None = None) -> TrainConfig:
+        return TrainConfig(epochs=self.epochs if epochs is None else epochs, batch_size=self.batch_size,
+                           lr=self.lr if lr is None else lr, seed=seed)
+
 
 PROTOCOLS = {
     # 500 control animals: one image is 0.2 points, below the 1-point guard
@@ -58,6 +62,12 @@ PROTOCOLS = {
     "vlm": Protocol("negatives", "animals", "ppl", sessions=4, shots=3, eval_per_class=10, control_per_class=40,
                     epochs=5, lr=5e-5, batch_size=8),
 }
+
+
+def protocol_of(kind: str) -> Protocol:
+    if kind not in PROTOCOLS:
+        raise BadInputError(f"unknown demo {kind!r}", hint=f"choose one of {', '.join(PROTOCOLS)}")
+    return PROTOCOLS[kind]
 
 
 @dataclass
@@ -72,15 +82,14 @@ class DemoOptions:
     eval_per_class: int = PROTOCOLS["dual"].eval_per_class
     control_per_class: int = PROTOCOLS["dual"].control_per_class
     method: MethodConfig = field(default_factory=MethodConfig)
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=10, batch_size=16, lr=3e-5))
+    train: TrainConfig = field(default_factory=PROTOCOLS["dual"].train_config)
     max_forgetting: float = 1.0
     seed: int = 0
     export: bool = True
     show_progress: bool = True
 
     def __post_init__(self) -> None:
-        if self.kind not in PROTOCOLS:
-            raise BadInputError(f"unknown demo {self.kind!r}", hint=f"choose one of {', '.join(PROTOCOLS)}")
+        protocol_of(self.kind)
         if self.sessions < 1 or self.shots < 1 or self.eval_per_class < 1 or self.control_per_class < 1:
             raise BadInputError("sessions, shots and set sizes must be >= 1", hint="see lorsu-edge demo --help")
 
@@ -92,13 +101,10 @@ class DemoOptions:
     def for_kind(cls, kind: str, *, epochs: int | None = None, lr: float | None = None, seed: int = 0,
                  **overrides: Any) -> "DemoOptions":
         """Options for demo `kind`: each knob given (not None) overrides the protocol's default."""
-        if kind not in PROTOCOLS:
-            raise BadInputError(f"unknown demo {kind!r}", hint=f"choose one of {', '.join(PROTOCOLS)}")
-        p = PROTOCOLS[kind]
+        p = protocol_of(kind)
         given = {k: v for k, v in overrides.items() if v is not None}
         sizes = {k: given.pop(k, getattr(p, k)) for k in ("sessions", "shots", "eval_per_class", "control_per_class")}
-        train = TrainConfig(epochs=epochs or p.epochs, batch_size=p.batch_size, lr=lr or p.lr, seed=seed)
-        return cls(kind=kind, seed=seed, train=train, **sizes, **given)
+        return cls(kind=kind, seed=seed, train=p.train_config(seed, epochs, lr), **sizes, **given)
 
 
 @dataclass
@@ -163,6 +169,16 @@ def negative_vqa(items: Items, questions: tuple[str, ...], seed: int) -> list[tu
     return [(ImageOps.invert(im), rng.choice(questions), with_article(label)) for im, label in items]
 
 
+def vlm_split(seed: int) -> tuple[list[int], list[int]]:
+    """(the default VLM's held-out animal-mnist indices, indices of animals it never saw, shuffled with `seed`)."""
+    from lorsu_edge.zoo import datasets
+    from lorsu_edge.zoo.vlm import VlmBuildOptions
+
+    build = VlmBuildOptions()
+    align, heldout = datasets.animal_mnist_split(build.seed, build.align_per_class, build.eval_per_class)
+    return heldout, datasets.animal_mnist_unused(align + heldout, seed)
+
+
 def vlm_data(opts: DemoOptions, root: Path) -> DemoData:
     """Negative animal-mnist images the default VLM never saw (sessions, held-out target eval), and
     animals as they were (control): the VLM's own held-out set, topped up with other unseen images."""
@@ -170,10 +186,9 @@ def vlm_data(opts: DemoOptions, root: Path) -> DemoData:
     from lorsu_edge.zoo.datasets import write_vqa_manifest
     from lorsu_edge.zoo.vlm import ANIMAL_QUESTIONS, EVAL_QUESTION, VlmBuildOptions, with_article
 
-    build = VlmBuildOptions()
-    align, heldout = datasets.animal_mnist_split(build.seed, build.align_per_class, build.eval_per_class)
-    fresh = datasets.load_animal_mnist(datasets.animal_mnist_unused(align + heldout, opts.seed))
-    top_up = max(0, opts.control_per_class - build.eval_per_class)
+    heldout, unseen = vlm_split(opts.seed)
+    fresh = datasets.load_animal_mnist(unseen)
+    top_up = max(0, opts.control_per_class - VlmBuildOptions().eval_per_class)
     *session_items, eval_items, extra = split_per_class(
         fresh, [opts.shots] * opts.sessions + [opts.eval_per_class, top_up])
     own = split_per_class(datasets.load_animal_mnist(heldout), [opts.control_per_class - top_up])[0]

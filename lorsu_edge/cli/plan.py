@@ -58,18 +58,13 @@ def command(
     budget_bytes = None if budget is None else parse_size(budget)
     prof = resolve(profile)
     source = model or _default_model()
-    loss = loss or _default_loss(source)
-    quantize = resolve_quantize(quantize, role_of(read_config(source)[0]), loss, bitsandbytes_works=prof.bnb_4bit)
+    role = role_of(read_config(source)[0])
+    loss = loss or ("ppl" if role == "vlm" else "clip")
+    quantize = resolve_quantize(quantize, role, loss, bitsandbytes_works=prof.bnb_4bit)
     plan = make_plan(source, method_cfg=method_cfg, loss=loss, batch_size=batch_size,
                      budget_bytes=budget_bytes, profile=prof, dtype=dtype, quantize=quantize, text_model=text_model)
     typer.echo(json.dumps(plan.to_dict(), default=str) if as_json else format_plan(plan))
     check_fits(plan)
-
-
-def _default_loss(source: str) -> str:
-    from lorsu_edge.plan import read_config, role_of
-
-    return "ppl" if role_of(read_config(source)[0]) == "vlm" else "clip"
 
 
 def _default_model() -> str:

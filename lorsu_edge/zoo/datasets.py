@@ -10,11 +10,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gzip
 import importlib.util
 import pickle
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -129,18 +130,14 @@ def write_class_folders(items: Sequence[Item], dest: Path) -> Path:
     Refuses a non-empty `dest` so two data sets never mix silently.
     """
     dest = Path(dest)
-    if dest.exists() and any(dest.iterdir()):
-        raise BadInputError(f"{dest} is not empty", hint="choose a new folder or empty it first")
     counts: dict[str, int] = {}
-    try:
+    with _writing_new(dest):
         for image, label in items:
             _check_label(label)
             n = counts.get(label, 0)
             (dest / label).mkdir(parents=True, exist_ok=True)
             image.save(dest / label / f"{n:05d}.png")
             counts[label] = n + 1
-    except OSError as exc:
-        raise StorageError(f"cannot write images under {dest}: {exc}", hint="check free space and permissions") from exc
     return dest
 
 
@@ -153,18 +150,25 @@ def write_vqa_manifest(items: Sequence[tuple[Image.Image, str, str]], dest: Path
     import json
 
     dest = Path(dest)
-    if dest.exists() and any(dest.iterdir()):
-        raise BadInputError(f"{dest} is not empty", hint="choose a new folder or empty it first")
-    try:
+    with _writing_new(dest):
         dest.mkdir(parents=True, exist_ok=True)
         rows = []
         for n, (image, question, answer) in enumerate(items):
             image.save(dest / f"{n:05d}.png")
             rows.append(json.dumps({"image": f"{n:05d}.png", "question": question, "answer": answer}))
         (dest / "manifest.jsonl").write_text("\n".join(rows) + "\n")
+    return dest
+
+
+@contextlib.contextmanager
+def _writing_new(dest: Path) -> Iterator[None]:
+    """Refuse a non-empty `dest` (two data sets never mix silently); turn write failures into StorageError."""
+    if dest.exists() and any(dest.iterdir()):
+        raise BadInputError(f"{dest} is not empty", hint="choose a new folder or empty it first")
+    try:
+        yield
     except OSError as exc:
         raise StorageError(f"cannot write images under {dest}: {exc}", hint="check free space and permissions") from exc
-    return dest
 
 
 def _check_label(label: str) -> None:
