@@ -1,0 +1,169 @@
+"""Full disks for real: a tiny tmpfs filled to the brim (root only) and RLIMIT_FSIZE in a child process.
+
+No mocks: the point is to see what the real writers (safetensors, json, os.write) raise. safetensors
+raises `SafetensorError`, not OSError, on a full disk; a mock that raises OSError cannot see that.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from lorsu_edge.errors import ExitCode, StorageError
+from lorsu_edge.session import ENCODER_FILE, Workdir
+
+from test_faults import FAST, _env, _images  # noqa: E402  (same tiny model and data recipe)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@contextlib.contextmanager
+def tmpfs(where: Path, size: str = "1m") -> Iterator[Path]:
+    """A real, tiny tmpfs at `where` (skipped, with the reason shown, where mounting is not allowed)."""
+    where.mkdir(parents=True, exist_ok=True)
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], capture_output=True,
+                         text=True)
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({res.stderr.strip()}); the RLIMIT_FSIZE tests cover this case")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def fill(fs: Path, leave: int) -> None:
+    """Fill the filesystem of `fs` until only about `leave` bytes are free."""
+    st = os.statvfs(fs)
+    free = st.f_bavail * st.f_frsize
+    with open(fs / "filler", "wb") as f:
+        f.write(b"\0" * max(0, free - leave))
+
+
+def tree(root: Path, skip: tuple[str, ...] = ()) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and p.name not in skip}
+
+
+def _limited(limit: int):
+    def pre() -> None:  # in the child: writes past `limit` bytes fail with EFBIG (Python ignores SIGXFSZ)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return pre
+
+
+def _workdir(root: Path) -> Workdir:
+    wd = Workdir.open(root, create=True)
+    with wd.lock():  # creates .lock, which stays
+        pass
+    return wd
+
+
+# --- the writer itself --------------------------------------------------------------------------
+
+
+def _staged_save(wd: Workdir) -> None:
+    from safetensors.torch import save_file
+
+    with wd.lock(), wd.staged_session() as partial:
+        save_file({"w": torch.zeros(2_000_000)}, str(partial / ENCODER_FILE))
+
+
+def test_safetensors_on_a_full_tmpfs_is_a_storage_error(tmp_path: Path) -> None:
+    """safetensors' SafetensorError('... (os error 28)') must become StorageError (exit 8), not a bug (exit 1)."""
+    with tmpfs(tmp_path / "fs") as fs:
+        wd = _workdir(fs / "runs")
+        before = tree(wd.root)
+        with pytest.raises(StorageError) as info:
+            _staged_save(wd)
+        assert info.value.exit_code == ExitCode.IO and "No space left" in info.value.message
+        assert tree(wd.root) == before  # the partial session is gone, nothing else changed
+
+
+_CHILD = """
+    import sys, torch
+    from lorsu_edge.errors import StorageError
+    from lorsu_edge.session import Workdir
+    from safetensors.torch import save_file
+
+    wd = Workdir.open(sys.argv[1])
+    try:
+        with wd.lock(), wd.staged_session() as partial:
+            save_file({"w": torch.zeros(2_000_000)}, str(partial / "encoder.safetensors"))
+    except StorageError as e:
+        print("StorageError", e.exit_code.value, e.message)
+"""
+
+
+def test_safetensors_past_the_file_size_limit_is_a_storage_error(tmp_path: Path) -> None:
+    """RLIMIT_FSIZE (EFBIG) is the fallback where no tmpfs can be mounted: same mapping, same cleanup."""
+    wd = _workdir(tmp_path / "runs")
+    before = tree(wd.root)
+    res = subprocess.run([sys.executable, "-c", textwrap.dedent(_CHILD), str(wd.root)], capture_output=True,
+                         text=True, env=_env(), preexec_fn=_limited(64 * 1024), timeout=120)
+    assert res.stdout.startswith("StorageError 8 ") and "File too large" in res.stdout, res.stdout + res.stderr
+    assert tree(wd.root) == before
+
+
+# --- the CLI on a workdir that cannot take another session -------------------------------------
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A tiny CLIP, two data folders and a workdir whose session 0001 is current."""
+    from lorsu_edge.tiny import save_tiny
+
+    root = tmp_path_factory.mktemp("storage")
+    model = save_tiny("clip", root / "model")
+    _images(root / "day1", seed=1)
+    _images(root / "day2", seed=2)
+    res = _adapt(root / "runs", model, root / "day1")
+    assert res.returncode == 0, res.stderr
+    return {"model": model, "day1": root / "day1", "day2": root / "day2", "runs": root / "runs"}
+
+
+def _adapt(workdir: Path, model: Path, data: Path, preexec=None, *extra: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "lorsu_edge.cli.main", "adapt", "--data", str(data), "--workdir", str(workdir),
+           "--model", str(model), *FAST, *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300, preexec_fn=preexec)
+
+
+def _last_run(runs: Path) -> dict:
+    return Workdir.open(runs).runs()[-1]
+
+
+@pytest.mark.slow
+def test_adapt_on_a_full_disk_exits_8_and_changes_nothing(made: dict[str, Path], tmp_path: Path) -> None:
+    """Today: exit 1 ("internal error: SafetensorError"). The free-space check refuses before training."""
+    with tmpfs(tmp_path / "fs") as fs:
+        runs = fs / "runs"
+        shutil.copytree(made["runs"], runs)
+        fill(fs, leave=64 * 1024)  # less than one encoder (133 KiB)
+        before = tree(runs, skip=("runs.jsonl",))
+        res = _adapt(runs, made["model"], made["day2"])
+        assert res.returncode == ExitCode.IO, res.stderr
+        assert "Traceback" not in res.stderr and "hint:" in res.stderr
+        assert tree(runs, skip=("runs.jsonl",)) == before
+        if (runs / "runs.jsonl").stat().st_size > (made["runs"] / "runs.jsonl").stat().st_size:
+            assert _last_run(runs)["exit_code"] == ExitCode.IO
+
+
+@pytest.mark.slow
+def test_adapt_past_the_file_size_limit_exits_8_and_changes_nothing(made: dict[str, Path], tmp_path: Path) -> None:
+    """The free-space check passes (the disk has room) but the encoder write fails inside safetensors."""
+    runs = tmp_path / "runs"
+    shutil.copytree(made["runs"], runs)
+    before = tree(runs, skip=("runs.jsonl",))
+    res = _adapt(runs, made["model"], made["day2"], _limited(64 * 1024))
+    assert res.returncode == ExitCode.IO, res.stderr
+    assert "File too large" in res.stderr and "Traceback" not in res.stderr
+    assert tree(runs, skip=("runs.jsonl",)) == before
+    assert _last_run(runs)["exit_code"] == ExitCode.IO and Workdir.open(runs).current() == "0001"
