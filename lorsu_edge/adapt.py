@@ -28,6 +28,7 @@ from lorsu_edge.adapter import save_adapter
 from lorsu_edge.config import MethodConfig
 from lorsu_edge.errors import BadInputError, ExitCode, LorsuError
 from lorsu_edge.inject import freeze, inject, select_targets
+from lorsu_edge.integrity import fall_back_if_damaged
 from lorsu_edge.load import (Loaded, apply_encoder, config_role, load_model, load_vlm_tower_in_dual, read_config,
                              resolve_source)
 from lorsu_edge.losses import Batch, check_loss, default_loss, make_objective
@@ -35,6 +36,7 @@ from lorsu_edge.memory import cap_cuda_memory, cuda_peak_bytes, peak_rss_bytes
 from lorsu_edge.merge import encoder_state_dict, tensors_hash, unload
 from lorsu_edge.samples import Sample, SampleSet, read_samples
 from lorsu_edge.plan import apply_checkpointing
+from lorsu_edge.retention import apply_retention, check_before_training
 from lorsu_edge.score import candidate_paths, compute_importance
 from lorsu_edge.session import ENCODER_FILE, REPORT_FILE, SAMPLES_FILE, Workdir, graceful_sigterm
 from lorsu_edge.train import TrainConfig, autocast_factory, resolve_precision, train
@@ -65,6 +67,7 @@ class AdaptOptions:
     # points below the base model's control accuracy a session may end at (None: the workdir's, else off)
     max_total_forgetting: float | None = None
     save_full: Path | None = None
+    keep: int | None = None  # prune to the current + this many accepted encoders (None: the workdir's, else off)
     show_progress: bool = True
 
 
@@ -391,9 +394,10 @@ def adapt(opts: AdaptOptions) -> AdaptResult:
         hf_logging.disable_progress_bar()
     try:
         result = _adapt_locked(opts, wd, start)
-    except LorsuError as e:
+    except LorsuError as e:  # `outcome`: a stop during the commit reports the committed session, not "failed"
         wd.log_run({"verb": "adapt", "status": "failed", "data": str(opts.data), "error": e.message,
-                    "exit_code": int(e.exit_code), "seconds": round(time.perf_counter() - start, 3)})
+                    "exit_code": int(e.exit_code), "seconds": round(time.perf_counter() - start, 3),
+                    **getattr(e, "outcome", {})})
         raise
     except Exception as e:
         wd.log_run({"verb": "adapt", "status": "failed", "data": str(opts.data), "error": f"{type(e).__name__}: {e}",
@@ -409,6 +413,7 @@ def adapt(opts: AdaptOptions) -> AdaptResult:
 
 def _adapt_locked(opts: AdaptOptions, wd: Workdir, start: float) -> AdaptResult:
     with wd.lock(), graceful_sigterm():
+        fallback = fall_back_if_damaged(wd)  # never chain onto a corrupt encoder
         base = resolve_base_model(opts, wd.settings().get("base_model"))
         sample_set = read_samples(opts.data)
         fresh = new_samples(sample_set, wd.seen_hashes())
@@ -429,6 +434,7 @@ def _adapt_locked(opts: AdaptOptions, wd: Workdir, start: float) -> AdaptResult:
         if plan.checkpointing:
             apply_checkpointing(loaded.model, loaded.spec)
         fault_point("load")
+        check_before_training(wd, session_encoder(loaded))  # base model unchanged, room for the session
         current = wd.current()
         total_limit = remembered_total_limit(opts, wd)
         base_score = base_control_score(wd, loaded, eval_sets, device, precision, total_limit)
@@ -457,11 +463,13 @@ def _adapt_locked(opts: AdaptOptions, wd: Workdir, start: float) -> AdaptResult:
                 "accepted": accepted, "reason": reason,
                 "seconds": round(time.perf_counter() - start, 3), "peak_memory_bytes": peak_memory_bytes(device),
             }
+            report.update({"fallback": fallback} if fallback else {})
             write_json(partial / REPORT_FILE, report)
             write_json(partial / SAMPLES_FILE, sorted(s.sha256 for s in fresh))
             fault_point("write")
             session = wd.commit_session(partial, accepted=accepted, reason=reason)
         status = "accepted" if accepted else "rejected"
+        apply_retention(wd, opts.keep)
         if opts.save_full and accepted:
             loaded.model.save_pretrained(opts.save_full)
             loaded.processor.save_pretrained(opts.save_full)

@@ -318,6 +318,7 @@ def resolve_session(workdir: Path, session: str | None = None, base: bool = Fals
                     model: str | None = None) -> SessionRef:
     """Find the workdir, base model and session (`--session`, `--base`, else the current model);
     BadInputError with a hint when impossible (no workdir, another model, a rejected session)."""
+    from lorsu_edge.integrity import require_intact
     from lorsu_edge.session import REPORT_FILE, WORKDIR_FILE, Workdir
 
     if base and session is not None:
@@ -339,18 +340,24 @@ def resolve_session(workdir: Path, session: str | None = None, base: bool = Fals
         if not info.accepted:
             raise BadInputError(f"session {sid} was rejected ({info.reason or 'no reason given'})",
                                 hint="export an accepted session (see `lorsu-edge history`) or --base")
-        report = json.loads((info.path / REPORT_FILE).read_text()) if (info.path / REPORT_FILE).is_file() else {}
+        require_intact(wd, sid)  # exit 3 + a rollback hint: never publish or score a damaged encoder
+        report = json.loads((info.path / REPORT_FILE).read_text())
     return SessionRef(wd, base_model, sid, report)
 
 
 def apply_session(loaded: Loaded, res: SessionRef) -> None:
     """Put the session's merged encoder into the loaded base model and prove it is exactly that encoder."""
+    from lorsu_edge.integrity import is_pruned
+    from lorsu_edge.retention import rebuild_into
     from lorsu_edge.session import ENCODER_FILE
 
     if res.session is None:
         _check_base(loaded, res)
         return
-    apply_encoder(loaded, res.workdir.session_dir(res.session) / ENCODER_FILE)
+    if is_pruned(res.workdir.session_dir(res.session)):  # `prune` removed it: replay the adapters
+        rebuild_into(loaded, res.workdir, res.session)
+    else:
+        apply_encoder(loaded, res.workdir.session_dir(res.session) / ENCODER_FILE)
     expected = res.report.get("encoder_sha256")
     actual = tensors_hash(encoder_state_dict(loaded.model, loaded.spec))
     if expected and expected != actual:

@@ -498,24 +498,34 @@ class Workdir:
         partial = Path(partial)
         if not (partial.name.startswith(PARTIAL_PREFIX) and partial.is_dir() and self._is_own_partial(partial)):
             raise ValueError(f"{partial} is not a partial session of {self.root}")
-        with _signals_deferred():
-            parent = self.current()
-            status = {"status": "accepted" if accepted else "rejected", "reason": reason, "parent": parent,
-                      "committed": now_iso()}
-            atomic_write_json(partial / STATUS_FILE, status)
-            fsync_tree(partial)
-            sid = self._next_id()
-            target = self.sessions_root / sid
-            with storage_errors(str(target)):
-                os.rename(partial, target)
-                fsync_dir(self.sessions_root)
-            _fault_point("commit")  # the narrowest window: renamed, pointer not yet moved
-            try:
-                self._write_pointer(sid if accepted else parent, sid)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    _remove_tree(target)
+        done: list[str] = []
+        try:
+            with _signals_deferred():
+                done.append(self._commit(partial, accepted, reason))
+        except (InterruptedRunError, KeyboardInterrupt) as e:  # a stop held back until the commit was done
+            if not done:
                 raise
+            raise _stopped_after_commit(e, done[0], accepted) from None
+        return done[0]
+
+    def _commit(self, partial: Path, accepted: bool, reason: str) -> str:
+        parent = self.current()
+        status = {"status": "accepted" if accepted else "rejected", "reason": reason, "parent": parent,
+                  "committed": now_iso()}
+        atomic_write_json(partial / STATUS_FILE, status)
+        fsync_tree(partial)
+        sid = self._next_id()
+        target = self.sessions_root / sid
+        with storage_errors(str(target)):
+            os.rename(partial, target)
+            fsync_dir(self.sessions_root)
+        _fault_point("commit")  # the narrowest window: renamed, pointer not yet moved
+        try:
+            self._write_pointer(sid if accepted else parent, sid)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                _remove_tree(target)
+            raise
         return sid
 
     def _next_id(self) -> str:
@@ -660,9 +670,13 @@ def _ends_without_newline(fd: int) -> bool:
 
 
 def _fault_point(phase: str) -> None:
-    """Test hook shared with the recipe: LORSU_EDGE_FAULT=<phase> SIGKILLs the process here."""
-    if os.environ.get("LORSU_EDGE_FAULT") == phase:
+    """Test hook shared with the recipe: LORSU_EDGE_FAULT=<phase> SIGKILLs the process here,
+    LORSU_EDGE_FAULT=<phase>:SIGTERM sends it a SIGTERM (a graceful stop) instead."""
+    fault = os.environ.get("LORSU_EDGE_FAULT", "")
+    if fault == phase:
         os.kill(os.getpid(), signal.SIGKILL)
+    elif fault == f"{phase}:SIGTERM":
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _in_main_thread() -> bool:
@@ -696,6 +710,17 @@ def graceful_sigterm() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, old)
+
+
+def _stopped_after_commit(e: BaseException, sid: str, accepted: bool) -> InterruptedRunError:
+    """The stop that arrived during a commit, reported as what it is: the session was committed."""
+    how = "SIGTERM" if isinstance(e, InterruptedRunError) else "SIGINT"
+    status = "accepted" if accepted else "rejected"
+    now = "it is the current model" if accepted else "the current model is unchanged"
+    err = InterruptedRunError(f"stopped by {how} after session {sid} was committed ({status}): {now}",
+                              hint="nothing was lost; later steps of this run (e.g. --save-full, --keep) were skipped")
+    err.outcome = {"status": status, "session": sid, "stopped_by": how}
+    return err
 
 
 @contextlib.contextmanager

@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from lorsu_edge.cli.errors import handle_errors
+from lorsu_edge.cli.prune import KEEP_HELP
 from lorsu_edge.config import MethodConfig, field_help
 from lorsu_edge.budget import SIZE_HELP, parse_size
 from lorsu_edge.errors import BadInputError, ExitCode
@@ -69,6 +70,8 @@ def command(
     min_new_samples: Annotated[int, typer.Option(help="do nothing (exit 0) with fewer new samples than this")] = 1,
     save_full: Annotated[Path | None, typer.Option(help="also write a complete model folder here "
                                                         "(loads with the family's from_pretrained)")] = None,
+    keep: Annotated[int | None, typer.Option(min=0, help=KEEP_HELP + "; pruned after each session; the workdir "
+                                                "remembers it (default: keep everything)")] = None,
     json_line: Annotated[bool, typer.Option("--json", help="print the result as one JSON line")] = False,
     progress: Annotated[bool, typer.Option(help="show progress bars")] = True,
 ) -> None:
@@ -84,7 +87,7 @@ def command(
             train=TrainConfig(epochs, batch_size, None, lr, weight_decay, warmup_ratio, max_grad_norm,
                               precision, seed),
             min_new_samples=min_new_samples, control=control, eval_data=eval_data, max_forgetting=max_forgetting,
-            max_total_forgetting=max_total_forgetting, save_full=save_full, show_progress=progress,
+            max_total_forgetting=max_total_forgetting, save_full=save_full, keep=keep, show_progress=progress,
         )
     except ValueError as e:
         raise BadInputError(str(e), hint="see lorsu-edge adapt --help") from None
