@@ -46,9 +46,9 @@ def _env(**extra: str) -> dict[str, str]:
     return {**env, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **extra}
 
 
-def _adapt(workdir: Path, model: Path, data: Path, **env: str) -> subprocess.CompletedProcess:
+def _adapt(workdir: Path, model: Path, data: Path, *extra: str, **env: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "lorsu_edge.cli.main", "adapt", "--data", str(data), "--workdir", str(workdir),
-           "--model", str(model), *FAST]
+           "--model", str(model), *FAST, *extra]
     return subprocess.run(cmd, capture_output=True, text=True, env=_env(**env), timeout=300)
 
 
