@@ -37,8 +37,9 @@ from lorsu_edge.merge import encoder_state_dict, tensors_hash, unload
 from lorsu_edge.samples import Sample, SampleSet, read_samples
 from lorsu_edge.plan import apply_checkpointing
 from lorsu_edge.retention import apply_retention, check_before_training
+from lorsu_edge.save_full import save_full
 from lorsu_edge.score import candidate_paths, compute_importance
-from lorsu_edge.session import ENCODER_FILE, REPORT_FILE, SAMPLES_FILE, Workdir, graceful_sigterm
+from lorsu_edge.session import ENCODER_FILE, REPORT_FILE, SAMPLES_FILE, Workdir, absolute_source, graceful_sigterm
 from lorsu_edge.train import TrainConfig, autocast_factory, resolve_precision, train
 
 log = logging.getLogger(__name__)
@@ -102,6 +103,18 @@ def resolve_base_model(opts: AdaptOptions, remembered: str | None) -> str:
 
     log.info("no --model given: using the embedded default dual encoder (built once, offline)")
     return str(build_default_dual())
+
+
+def _folder(path: Path | None) -> Path | None:
+    return None if path is None else path.expanduser().resolve()
+
+
+def with_absolute_paths(opts: AdaptOptions) -> AdaptOptions:
+    """Local paths made absolute before anything is remembered or recorded (workdir settings, reports), so
+    a run from another directory finds the same folders and never mistakes `fx/model` for a hub id."""
+    return replace(opts, model=absolute_source(opts.model), text_model=absolute_source(opts.text_model),
+                   data=_folder(opts.data), control=_folder(opts.control), eval_data=_folder(opts.eval_data),
+                   save_full=_folder(opts.save_full))
 
 
 def load_for_loss(base: str, opts: AdaptOptions, device: torch.device) -> Loaded:
@@ -276,7 +289,7 @@ def write_json(path: Path, obj: Any) -> None:
 
 def load_eval_sets(opts: AdaptOptions, wd: Workdir) -> dict[str, SampleSet]:
     """The control set (given now or remembered by the workdir) and the optional target eval set."""
-    control = opts.control or wd.settings().get("control")
+    control = opts.control or wd.remembered("control")
     if opts.control:
         wd.update_settings(control=str(opts.control))
     sets = {"control": read_samples(Path(control))} if control else {}
@@ -387,7 +400,7 @@ def adapt(opts: AdaptOptions) -> AdaptResult:
     Every run, failed ones included, leaves one JSON line in the workdir's runs.jsonl for monitoring.
     """
     wd = Workdir.open(opts.workdir, create=True)
-    start = time.perf_counter()
+    opts, start = with_absolute_paths(opts), time.perf_counter()
     if not opts.show_progress:  # nightly logs: no loading bars from transformers either
         from transformers.utils import logging as hf_logging
 
@@ -414,7 +427,7 @@ def adapt(opts: AdaptOptions) -> AdaptResult:
 def _adapt_locked(opts: AdaptOptions, wd: Workdir, start: float) -> AdaptResult:
     with wd.lock(), graceful_sigterm():
         fallback = fall_back_if_damaged(wd)  # never chain onto a corrupt encoder
-        base = resolve_base_model(opts, wd.settings().get("base_model"))
+        base = resolve_base_model(opts, wd.remembered("base_model"))
         sample_set = read_samples(opts.data)
         fresh = new_samples(sample_set, wd.seen_hashes())
         if len(fresh) < opts.min_new_samples:
@@ -470,8 +483,7 @@ def _adapt_locked(opts: AdaptOptions, wd: Workdir, start: float) -> AdaptResult:
             session = wd.commit_session(partial, accepted=accepted, reason=reason)
         status = "accepted" if accepted else "rejected"
         apply_retention(wd, opts.keep)
-        if opts.save_full and accepted:
-            loaded.model.save_pretrained(opts.save_full)
-            loaded.processor.save_pretrained(opts.save_full)
+        if opts.save_full and accepted:  # the model as given (no 4-bit LLM, the VLM under --text-model)
+            save_full(resolve_source(base), session_encoder(loaded), opts.save_full)
         kept = "" if accepted else f"; the current model stays {current or 'the base model'}"
         return AdaptResult(status, session, report, f"session {session} {status}: {reason}{kept}")

@@ -319,13 +319,14 @@ def resolve_session(workdir: Path, session: str | None = None, base: bool = Fals
     """Find the workdir, base model and session (`--session`, `--base`, else the current model);
     BadInputError with a hint when impossible (no workdir, another model, a rejected session)."""
     from lorsu_edge.integrity import require_intact
-    from lorsu_edge.session import REPORT_FILE, WORKDIR_FILE, Workdir
+    from lorsu_edge.session import REPORT_FILE, WORKDIR_FILE, Workdir, absolute_source
 
     if base and session is not None:
         raise BadInputError("--base and --session exclude each other", hint="pass one of them")
     has_wd = (Path(workdir) / WORKDIR_FILE).exists()
     wd = Workdir.open(workdir) if has_wd or not (base and model) else None
-    remembered = wd.settings().get("base_model") if wd else None
+    remembered = wd.remembered("base_model") if wd else None
+    model = absolute_source(model)  # as adapt remembered it
     if model and remembered and model != remembered:
         raise BadInputError(f"workdir {workdir} adapts {remembered}, not {model}",
                             hint="drop --model, or pass the workdir of that model")

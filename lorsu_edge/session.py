@@ -89,6 +89,15 @@ def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+def absolute_source(source: str | None) -> str | None:
+    """A model or folder argument as it is remembered: an existing local path made absolute (so another
+    working directory cannot turn `fx/model` into a hub id), anything else (a hub id) as typed."""
+    if not source:
+        return source
+    path = Path(source).expanduser()
+    return str(path.resolve()) if path.exists() else source
+
+
 def format_id(n: int) -> str:
     """Session number -> directory name ("0007")."""
     return f"{n:04d}"
@@ -238,6 +247,21 @@ class Workdir:
     def settings(self) -> dict[str, Any]:
         """The remembered settings (base `model`, `control` dir, ...), as stored in workdir.json."""
         return dict(self._workdir_doc().get("settings") or {})
+
+    def remembered(self, key: str) -> Any:
+        """A remembered setting; a path is returned absolute, so it never turns into a hub id.
+
+        New workdirs store local paths absolute (`absolute_source`). Older ones stored them as typed:
+        a relative value that exists next to the workdir (relative to its parent directory, where the
+        nightly job that created `./lorsu-runs` ran) is taken from there; any other value is returned
+        as stored (a hub id, or a folder that is gone: loading it then fails with exit 3).
+        """
+        value = self.settings().get(key)
+        if isinstance(value, str) and value and not Path(value).is_absolute():
+            beside = self.root.resolve().parent / value
+            if beside.exists():
+                return str(beside)
+        return value
 
     def created(self) -> str | None:
         """ISO time the workdir was created."""
@@ -746,6 +770,6 @@ def _signals_deferred() -> Iterator[None]:
 
 
 __all__ = [
-    "BASE", "DEFAULT_WORKDIR", "ENCODER_FILE", "REPORT_FILE", "SAMPLES_FILE", "STATUS_FILE", "Recovery",
+    "BASE", "absolute_source", "DEFAULT_WORKDIR", "ENCODER_FILE", "REPORT_FILE", "SAMPLES_FILE", "STATUS_FILE", "Recovery",
     "SessionInfo", "Workdir", "graceful_sigterm", "now_iso", "read_samples_file", "write_samples_file",
 ]

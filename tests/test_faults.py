@@ -235,3 +235,36 @@ def test_changed_base_model_is_refused(setup: dict[str, Path], tmp_path: Path) -
     res = _adapt(runs, model, setup["day2"])
     assert res.returncode == ExitCode.BAD_INPUT and "base model's encoder changed" in res.stderr, res.stderr
     assert Workdir.open(runs).current() == "0001" and [s.id for s in Workdir.open(runs).sessions()] == ["0001"]
+
+
+# --- remembered paths -------------------------------------------------------------------------------
+
+
+def _eval_from(cwd: Path, runs: Path, data: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lorsu_edge.cli.main", "eval", "--data", str(data), "--workdir",
+                           str(runs)], capture_output=True, text=True, env=_env(), timeout=300, cwd=cwd)
+
+
+def test_remembered_model_is_absolute_and_a_gone_folder_is_no_hub_id(setup: dict[str, Path], tmp_path: Path) -> None:
+    """Bug: workdir.json kept `--model fx/model` as typed, so from another directory it became a hub id."""
+    settings = Workdir.open(setup["runs"]).settings()
+    assert settings["base_model"] == str(setup["model"].resolve())  # made absolute by adapt
+    runs = shutil.copytree(setup["runs"], tmp_path / "runs")
+    doc = json.loads((runs / "workdir.json").read_text())
+    doc["settings"]["base_model"] = str(tmp_path / "gone" / "model")
+    (runs / "workdir.json").write_text(json.dumps(doc))
+    res = _eval_from(Path("/"), runs, setup["day1"])
+    assert res.returncode == ExitCode.BAD_INPUT and "model folder not found" in res.stderr, res.stderr
+    assert "hub" not in res.stderr.split("hint:")[0]
+
+
+def test_old_workdir_with_a_relative_model_resolves_beside_the_workdir(setup: dict[str, Path], tmp_path: Path) -> None:
+    """Workdirs written before paths were made absolute: `fx/model` is looked up next to the workdir."""
+    runs = shutil.copytree(setup["runs"], tmp_path / "site" / "runs")
+    shutil.copytree(setup["model"], tmp_path / "site" / "fx" / "model")
+    doc = json.loads((runs / "workdir.json").read_text())
+    doc["settings"]["base_model"] = "fx/model"
+    (runs / "workdir.json").write_text(json.dumps(doc))
+    res = _eval_from(Path("/"), runs, setup["day1"])  # from elsewhere: today a hub fetch of "fx/model"
+    assert res.returncode == 0, res.stderr
+    assert "session 0001: " in res.stdout

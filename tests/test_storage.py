@@ -167,3 +167,40 @@ def test_adapt_past_the_file_size_limit_exits_8_and_changes_nothing(made: dict[s
     assert "File too large" in res.stderr and "Traceback" not in res.stderr
     assert tree(runs, skip=("runs.jsonl",)) == before
     assert _last_run(runs)["exit_code"] == ExitCode.IO and Workdir.open(runs).current() == "0001"
+
+
+# --- --save-full ---------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_save_full_of_a_4bit_run_is_the_given_vlm_with_the_new_tower(tmp_path: Path) -> None:
+    """Bug: --save-full wrote the in-memory model, i.e. a 4-bit LLM after a 4-bit run, and was not staged."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForImageTextToText
+
+    from lorsu_edge.load import bitsandbytes_status
+    from lorsu_edge.tiny import save_tiny, write_toy_images
+
+    if bitsandbytes_status() is not None:
+        pytest.skip(f"bitsandbytes unusable here: {bitsandbytes_status()}")
+    model = save_tiny("llava", tmp_path / "llava")
+    data = write_toy_images(tmp_path / "vqa", vqa=True)
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "stale.txt").write_text("yesterday's folder is replaced only once the new one is complete")
+    res = _adapt(tmp_path / "runs", model, data, None, "--quantize", "4bit", "--save-full", str(full), "--lr", "3e-2")
+    assert res.returncode == 0, res.stderr
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".full")) == []  # no partial left
+    assert not (full / "stale.txt").exists()
+    base = {k: v for f in sorted(model.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+    saved = {k: v for f in sorted(full.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+    encoder = load_file(str(tmp_path / "runs" / "sessions" / "0001" / ENCODER_FILE))
+    from lorsu_edge.save_full import checkpoint_names
+
+    names = checkpoint_names(list(saved), encoder)  # checkpoint key -> in-memory (session file) name
+    assert saved.keys() == base.keys() and sorted(names.values()) == sorted(encoder)
+    assert all(torch.equal(saved[k], encoder[n]) for k, n in names.items())
+    assert all(torch.equal(saved[k], v) and saved[k].dtype == v.dtype for k, v in base.items() if k not in names)
+    assert any(not torch.equal(saved[k], base[k]) for k in names)
+    loaded = AutoModelForImageTextToText.from_pretrained(full)  # a complete, loadable folder
+    assert not any("4bit" in type(m).__name__ for m in loaded.modules())

@@ -31,7 +31,7 @@ def command(
             typer.echo(f"note: {recovery.summary()}", err=True)
         sid = wd.normalize_id(target)
         if sid is not None and wd.session(sid).accepted:  # a pruned encoder is rebuilt before it is current
-            restore_encoder(wd, sid, wd.settings()["base_model"])
+            restore_encoder(wd, sid, wd.remembered("base_model"))
         previous = wd.rollback(target)
         current = wd.current()
         wd.log_run({"verb": "rollback", "from": previous, "to": current, "exit_code": 0})
