@@ -139,7 +139,7 @@ def restore_encoder(wd: Workdir, sid: str, base_model: str) -> bool:
     path = wd.sessions_root / sid
     if not is_pruned(path):
         return False
-    loaded = load_model(base_model, "none", device="cpu")
+    loaded = load_model(base_model, "auto", device="cpu")
     rebuild_into(loaded, wd, sid)
     tmp = wd.sessions_root / f".{sid}-{ENCODER_FILE}{TEMP_MARK}{os.getpid()}"
     try:
