@@ -39,7 +39,8 @@ from lorsu_edge.plan import apply_checkpointing
 from lorsu_edge.retention import apply_retention, check_before_training
 from lorsu_edge.save_full import save_full
 from lorsu_edge.score import candidate_paths, compute_importance
-from lorsu_edge.session import ENCODER_FILE, REPORT_FILE, SAMPLES_FILE, Workdir, absolute_source, graceful_sigterm
+from lorsu_edge.session import (ENCODER_FILE, REPORT_FILE, SAMPLES_FILE, Workdir, absolute_source, after_commit,
+                                graceful_sigterm)
 from lorsu_edge.train import TrainConfig, autocast_factory, resolve_precision, train
 
 log = logging.getLogger(__name__)
@@ -482,8 +483,9 @@ def _adapt_locked(opts: AdaptOptions, wd: Workdir, start: float) -> AdaptResult:
             fault_point("write")
             session = wd.commit_session(partial, accepted=accepted, reason=reason)
         status = "accepted" if accepted else "rejected"
-        apply_retention(wd, opts.keep)
-        if opts.save_full and accepted:  # the model as given (no 4-bit LLM, the VLM under --text-model)
-            save_full(resolve_source(base), session_encoder(loaded), opts.save_full)
+        with after_commit(session, accepted):  # a stop or full disk from here on reports the session
+            apply_retention(wd, opts.keep)
+            if opts.save_full and accepted:  # the model as given (no 4-bit LLM, the VLM under --text-model)
+                save_full(resolve_source(base), session_encoder(loaded), opts.save_full)
         kept = "" if accepted else f"; the current model stays {current or 'the base model'}"
         return AdaptResult(status, session, report, f"session {session} {status}: {reason}{kept}")

@@ -81,6 +81,7 @@ def write_folder(base_dir: Path, encoder: dict[str, torch.Tensor], partial: Path
 def save_full(base_dir: Path, encoder: dict[str, torch.Tensor], out: Path) -> None:
     """Write DIR = the base model with `encoder` swapped in; an existing DIR is replaced only when done."""
     out = Path(out)
+    _recover(out)
     partial = out.parent / f".{out.name}.partial-{secrets.token_hex(3)}"
     old = out.parent / f".{out.name}.old-{secrets.token_hex(3)}"
     try:
@@ -94,6 +95,20 @@ def save_full(base_dir: Path, encoder: dict[str, torch.Tensor], out: Path) -> No
         with contextlib.suppress(OSError):
             shutil.rmtree(partial)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _recover(out: Path) -> None:
+    """Clean up after a run killed mid-write (adapt holds the workdir lock, so no writer is active): a
+    partial folder is deleted; a previous DIR moved aside but not replaced is put back."""
+    if not out.parent.is_dir():
+        return
+    for leftover in sorted(out.parent.glob(f".{out.name}.partial-*")):
+        shutil.rmtree(leftover, ignore_errors=True)
+    for old in sorted(out.parent.glob(f".{out.name}.old-*")):
+        if out.exists():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(old, out)
 
 
 def _swap_into_place(partial: Path, out: Path, old: Path) -> None:

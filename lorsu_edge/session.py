@@ -7,6 +7,7 @@ Layout of a workdir (default `./lorsu-runs`):
     sessions/0001/       committed sessions: never modified after commit
         status.json      {"status": "accepted" | "rejected", "reason", "parent", "committed"}
         report.json, samples.json, encoder.safetensors, adapter.* (written by the recipe)
+        pruned.json      only when `prune` removed encoder.safetensors (rebuilt from the adapters on demand)
     sessions/.partial-*  a session being written (or left by a killed run; removed by the next run)
     runs.jsonl           one JSON line per run, for monitoring
     .lock, .lock.owner   the run lock (flock) and who holds it (pid, host, since, command)
@@ -58,7 +59,7 @@ from lorsu_edge.atomic import (
     storage_error,
     storage_errors,
 )
-from lorsu_edge.errors import BadInputError, InterruptedRunError, LockedError
+from lorsu_edge.errors import BadInputError, InterruptedRunError, LockedError, LorsuError
 
 FORMAT_VERSION = 1
 DEFAULT_WORKDIR = Path("lorsu-runs")
@@ -742,9 +743,24 @@ def _stopped_after_commit(e: BaseException, sid: str, accepted: bool) -> Interru
     status = "accepted" if accepted else "rejected"
     now = "it is the current model" if accepted else "the current model is unchanged"
     err = InterruptedRunError(f"stopped by {how} after session {sid} was committed ({status}): {now}",
-                              hint="nothing was lost; later steps of this run (e.g. --save-full, --keep) were skipped")
+                              hint="nothing was lost; the rest of this run (--keep, --save-full) was skipped")
     err.outcome = {"status": status, "session": sid, "stopped_by": how}
     return err
+
+
+@contextlib.contextmanager
+def after_commit(sid: str, accepted: bool) -> Iterator[None]:
+    """Wrap the steps that follow a commit (retention, --save-full): a stop or an error there is reported
+    with the session that was committed, never as a discarded one; the error keeps its exit code."""
+    try:
+        yield
+    except (KeyboardInterrupt, InterruptedRunError) as e:
+        raise _stopped_after_commit(e, sid, accepted) from None
+    except LorsuError as e:
+        status = "accepted" if accepted else "rejected"
+        e.message = f"session {sid} was committed ({status}), then: {e.message}"
+        e.outcome = {"status": status, "session": sid}  # type: ignore[attr-defined]
+        raise
 
 
 @contextlib.contextmanager
@@ -770,6 +786,6 @@ def _signals_deferred() -> Iterator[None]:
 
 
 __all__ = [
-    "BASE", "absolute_source", "DEFAULT_WORKDIR", "ENCODER_FILE", "REPORT_FILE", "SAMPLES_FILE", "STATUS_FILE", "Recovery",
+    "BASE", "absolute_source", "after_commit", "DEFAULT_WORKDIR", "ENCODER_FILE", "REPORT_FILE", "SAMPLES_FILE", "STATUS_FILE", "Recovery",
     "SessionInfo", "Workdir", "graceful_sigterm", "now_iso", "read_samples_file", "write_samples_file",
 ]

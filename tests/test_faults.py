@@ -67,18 +67,22 @@ def _partials(wd: Workdir) -> list[str]:
     return sorted(p.name for p in wd.sessions_root.iterdir() if p.name.startswith(PARTIAL_PREFIX))
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A tiny CLIP, two disjoint data folders, and a workdir whose session 0001 is current."""
+def make_site(root: Path) -> dict[str, Path]:
+    """A tiny CLIP, two disjoint data folders, and a workdir whose session 0001 is current (shared with the
+    storage and retention tests)."""
     from lorsu_edge.tiny import save_tiny
 
-    root = tmp_path_factory.mktemp("faults")
     model = save_tiny("clip", root / "model")
     _images(root / "day1", seed=1)
     _images(root / "day2", seed=2)
     res = _adapt(root / "base-runs", model, root / "day1")
     assert res.returncode == 0, res.stderr
     return {"root": root, "model": model, "day1": root / "day1", "day2": root / "day2", "runs": root / "base-runs"}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return make_site(tmp_path_factory.mktemp("faults"))
 
 
 @pytest.mark.parametrize("phase", PHASES)

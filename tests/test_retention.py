@@ -18,7 +18,7 @@ from lorsu_edge.integrity import PRUNED_FILE, file_tensors_hash, is_pruned, read
 from lorsu_edge.retention import kept_encoders
 from lorsu_edge.session import ENCODER_FILE, REPORT_FILE, Workdir, write_samples_file
 
-from test_faults import _adapt, _images
+from test_faults import _adapt, make_site
 
 pytestmark = pytest.mark.slow
 
@@ -45,20 +45,13 @@ def test_kept_encoders_are_the_current_and_the_newest_accepted(tmp_path: Path) -
 
 
 @pytest.fixture(scope="module")
-def made(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def made(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """Two accepted sessions; the second run passes --keep 1, which prunes 0001's encoder."""
-    from lorsu_edge.tiny import save_tiny
-
-    root = tmp_path_factory.mktemp("retention")
-    model = save_tiny("clip", root / "model")
-    _images(root / "day1", seed=1)
-    _images(root / "day2", seed=2)
-    runs = root / "runs"
-    assert _adapt(runs, model, root / "day1").returncode == 0
-    hash1 = file_tensors_hash(runs / "sessions" / "0001" / ENCODER_FILE)
-    res = _adapt(runs, model, root / "day2", "--keep", "1")
+    site = make_site(tmp_path_factory.mktemp("retention"))
+    hash1 = file_tensors_hash(site["runs"] / "sessions" / "0001" / ENCODER_FILE)
+    res = _adapt(site["runs"], site["model"], site["day2"], "--keep", "1")
     assert res.returncode == 0, res.stderr
-    return {"model": model, "day1": root / "day1", "runs": runs, "hash1": hash1}  # type: ignore[dict-item]
+    return {**site, "hash1": hash1}
 
 
 def test_adapt_keep_prunes_only_encoders_and_is_remembered(made: dict) -> None:

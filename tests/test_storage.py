@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from lorsu_edge.errors import ExitCode, StorageError
+from lorsu_edge.errors import BadInputError, ExitCode, StorageError
 from lorsu_edge.session import ENCODER_FILE, Workdir
 
-from test_faults import FAST, _env, _images  # noqa: E402  (same tiny model and data recipe)
+from test_faults import FAST, _env, make_site  # same tiny model and data recipe
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -118,16 +118,7 @@ def test_safetensors_past_the_file_size_limit_is_a_storage_error(tmp_path: Path)
 
 @pytest.fixture(scope="module")
 def made(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A tiny CLIP, two data folders and a workdir whose session 0001 is current."""
-    from lorsu_edge.tiny import save_tiny
-
-    root = tmp_path_factory.mktemp("storage")
-    model = save_tiny("clip", root / "model")
-    _images(root / "day1", seed=1)
-    _images(root / "day2", seed=2)
-    res = _adapt(root / "runs", model, root / "day1")
-    assert res.returncode == 0, res.stderr
-    return {"model": model, "day1": root / "day1", "day2": root / "day2", "runs": root / "runs"}
+    return make_site(tmp_path_factory.mktemp("storage"))
 
 
 def _adapt(workdir: Path, model: Path, data: Path, preexec=None, *extra: str) -> subprocess.CompletedProcess:
@@ -204,3 +195,43 @@ def test_save_full_of_a_4bit_run_is_the_given_vlm_with_the_new_tower(tmp_path: P
     assert any(not torch.equal(saved[k], base[k]) for k in names)
     loaded = AutoModelForImageTextToText.from_pretrained(full)  # a complete, loadable folder
     assert not any("4bit" in type(m).__name__ for m in loaded.modules())
+
+
+@pytest.mark.slow
+def test_full_disk_after_the_commit_reports_the_committed_session(made: dict[str, Path], tmp_path: Path) -> None:
+    """--save-full fails (file-size limit) after the session was committed: exit 8, and the message and
+    runs.jsonl say session 0002 was committed and is current instead of "failed"."""
+    runs = tmp_path / "runs"
+    shutil.copytree(made["runs"], runs)
+    full = tmp_path / "full"
+    res = _adapt(runs, made["model"], made["day2"], _limited(200 * 1024), "--save-full", str(full))
+    assert res.returncode == ExitCode.IO, res.stderr
+    assert "session 0002 was committed (accepted), then: cannot write" in res.stderr
+    last = _last_run(runs)
+    assert (last["status"], last["session"], last["exit_code"]) == ("accepted", "0002", ExitCode.IO)
+    assert Workdir.open(runs).current() == "0002"
+    assert not full.exists() and not list(tmp_path.glob(".full.*"))  # the partial folder is gone
+
+
+def test_save_full_puts_back_a_folder_a_killed_run_moved_aside(tmp_path: Path) -> None:
+    """A run killed between moving yesterday's DIR aside and renaming the new one in: the next run puts the
+    old folder back before anything else, so DIR is never simply gone."""
+    from safetensors.torch import load_file, save_file
+
+    from lorsu_edge.save_full import save_full
+
+    base = tmp_path / "base"
+    base.mkdir()
+    save_file({"vision_model.w": torch.zeros(4), "text.w": torch.ones(2)}, str(base / "model.safetensors"))
+    (base / "config.json").write_text("{}")
+    aside = tmp_path / ".full.old-abc123"
+    aside.mkdir()
+    (aside / "yesterday.txt").write_text("x")
+    with pytest.raises(BadInputError):  # a failing save keeps what DIR had
+        save_full(base, {"vision_model.nope": torch.zeros(4)}, tmp_path / "full")
+    assert (tmp_path / "full" / "yesterday.txt").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "full"]
+    save_full(base, {"vision_model.w": torch.full((4,), 2.0)}, tmp_path / "full")
+    saved = load_file(str(tmp_path / "full" / "model.safetensors"))
+    assert torch.equal(saved["vision_model.w"], torch.full((4,), 2.0)) and torch.equal(saved["text.w"], torch.ones(2))
+    assert not (tmp_path / "full" / "yesterday.txt").exists() and (tmp_path / "full" / "config.json").is_file()
