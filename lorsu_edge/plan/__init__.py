@@ -1,5 +1,8 @@
 """The planner: predict each phase's peak memory from config.json alone, and choose settings that fit.
 
+Only config.json (and preprocessor_config.json) is read, never a weight file: a model that does not fit is
+refused before anything is loaded.
+
 The stages, one module each, in the order a plan is made:
     config         read config.json (and preprocessor_config.json for the image size), never a weight file
     build          the stand-in model: each stack cut to a few identical layers, built without weights

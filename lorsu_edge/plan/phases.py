@@ -12,8 +12,9 @@ are counted from parameter shapes and the profile; activations come from the sim
     merge       + adapter state + originals of touched entries + a host copy of the encoder for the
                 session file (CUDA; the optimizer is assumed released)
     export      its own process, encoder only: runtime + encoder fp32 + ONNX proto + serialized bytes
-On a discrete GPU (profile unified = false) the budget is GPU memory; host-side parts are shown but not
-counted. Each phase adds a safety margin.
+`--loss clip` on a VLM never loads the LLM: its tower trains inside the `--text-model` dual encoder
+(CLIP-L/14's text tower is assumed without one). On a discrete GPU (profile unified = false) the budget
+is GPU memory; host-side parts are shown but not counted. Each phase adds a safety margin.
 """
 
 from __future__ import annotations
