@@ -448,7 +448,7 @@ def _adapt_locked(opts: AdaptOptions, wd: Workdir, start: float) -> AdaptResult:
         if plan.checkpointing:
             apply_checkpointing(loaded.model, loaded.spec)
         fault_point("load")
-        check_before_training(wd, session_encoder(loaded))  # base model unchanged, room for the session
+        check_before_training(wd, loaded)  # base model unchanged, room for the session
         current = wd.current()
         total_limit = remembered_total_limit(opts, wd)
         base_score = base_control_score(wd, loaded, eval_sets, device, precision, total_limit)

@@ -145,17 +145,17 @@ def fall_back_if_damaged(wd: Workdir) -> str | None:
     return warning
 
 
-def check_base_encoder(wd: Workdir, base_hash: str) -> None:
-    """The base model's encoder must hash as it did at first use (recorded in the workdir settings).
-
-    A replaced or damaged base model folder would silently change what every session rebuilds on.
-    """
-    recorded = wd.settings().get("base_encoder_sha256")
-    if recorded is None:
+def check_base_encoder(wd: Workdir, base_hash: str, route: str) -> None:
+    """The base model's encoder must hash as it did at first use (recorded in the workdir settings, per
+    load `route`: the tower loaded inside the VLM or, under --text-model, inside the dual encoder, whose
+    dtypes may differ). A replaced or damaged base model folder would silently change what every session
+    rebuilds on."""
+    recorded = dict(wd.settings().get("base_encoder_sha256") or {})
+    if route not in recorded:
         if wd.locked:
-            wd.update_settings(base_encoder_sha256=base_hash)
+            wd.update_settings(base_encoder_sha256={**recorded, route: base_hash})
         return
-    if recorded != base_hash:
+    if recorded[route] != base_hash:
         raise BadInputError(f"the base model's encoder changed since this workdir first used it "
-                            f"({base_hash[:12]} != {recorded[:12]})",
+                            f"({base_hash[:12]} != {recorded[route][:12]})",
                             hint="restore the original base model folder, or start a new --workdir for this one")

@@ -18,8 +18,6 @@ import contextlib
 import os
 import shutil
 
-import torch
-
 from lorsu_edge.atomic import TEMP_MARK, atomic_write_json, fsync_dir, storage_errors
 from lorsu_edge.errors import BadInputError, StorageError
 from lorsu_edge.integrity import PRUNED_FILE, ancestors, check_base_encoder, is_pruned, read_report
@@ -48,13 +46,15 @@ def check_free_space(wd: Workdir, encoder_bytes: int) -> None:
                            hint="free disk space or run `lorsu-edge prune --keep N`; nothing was changed")
 
 
-def check_before_training(wd: Workdir, base_encoder: dict[str, torch.Tensor]) -> None:
+def check_before_training(wd: Workdir, loaded) -> None:
     """adapt, with the base model just loaded: its encoder is the one this workdir started from, and the
     disk has room for the session (both refuse before any training time is spent)."""
+    from lorsu_edge.adapt import session_encoder
     from lorsu_edge.merge import tensors_hash
 
-    check_base_encoder(wd, tensors_hash(base_encoder))
-    check_free_space(wd, sum(t.numel() * t.element_size() for t in base_encoder.values()))
+    encoder = session_encoder(loaded)
+    check_base_encoder(wd, tensors_hash(encoder), "text-model" if loaded.encoder_names else "model")
+    check_free_space(wd, sum(t.numel() * t.element_size() for t in encoder.values()))
 
 
 # --- prune --------------------------------------------------------------------------------------------

@@ -232,7 +232,7 @@ def test_changed_base_model_is_refused(setup: dict[str, Path], tmp_path: Path) -
     shutil.copytree(setup["runs"], runs)
     model = shutil.copytree(setup["model"], tmp_path / "model")
     doc = json.loads((runs / "workdir.json").read_text())
-    assert "base_encoder_sha256" in doc["settings"]
+    assert set(doc["settings"]["base_encoder_sha256"]) == {"model"}
     doc["settings"]["base_model"] = str(model)
     (runs / "workdir.json").write_text(json.dumps(doc))
     _flip_byte(model / "model.safetensors", "vision_model.encoder.layers.0.self_attn.q_proj.weight")
