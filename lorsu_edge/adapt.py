@@ -37,6 +37,7 @@ from lorsu_edge.samples import Sample, SampleSet, read_samples
 from lorsu_edge.plan import apply_checkpointing
 from lorsu_edge.score import candidate_paths, compute_importance
 from lorsu_edge.session import ENCODER_FILE, REPORT_FILE, SAMPLES_FILE, Workdir, graceful_sigterm
+from lorsu_edge.track import record_night
 from lorsu_edge.train import TrainConfig, autocast_factory, resolve_precision, train
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,7 @@ class AdaptOptions:
     max_total_forgetting: float | None = None
     save_full: Path | None = None
     show_progress: bool = True
+    track: str | None = None  # MLflow tracking URI or "off" (None: the workdir's, see lorsu_edge/track.py)
 
 
 @dataclass
@@ -392,18 +394,24 @@ def adapt(opts: AdaptOptions) -> AdaptResult:
     try:
         result = _adapt_locked(opts, wd, start)
     except LorsuError as e:
-        wd.log_run({"verb": "adapt", "status": "failed", "data": str(opts.data), "error": e.message,
-                    "exit_code": int(e.exit_code), "seconds": round(time.perf_counter() - start, 3)})
+        failed = {"verb": "adapt", "status": "failed", "data": str(opts.data), "error": e.message,
+                  "exit_code": int(e.exit_code), "seconds": round(time.perf_counter() - start, 3)}
+        wd.log_run(failed)
+        record_night(wd, opts.track, failed)
         raise
     except Exception as e:
-        wd.log_run({"verb": "adapt", "status": "failed", "data": str(opts.data), "error": f"{type(e).__name__}: {e}",
-                    "exit_code": int(ExitCode.INTERNAL), "seconds": round(time.perf_counter() - start, 3)})
+        failed = {"verb": "adapt", "status": "failed", "data": str(opts.data), "error": f"{type(e).__name__}: {e}",
+                  "exit_code": int(ExitCode.INTERNAL), "seconds": round(time.perf_counter() - start, 3)}
+        wd.log_run(failed)
+        record_night(wd, opts.track, failed)
         raise
     code = ExitCode.REJECTED if result.status == "rejected" else ExitCode.OK
-    wd.log_run({"verb": "adapt", "status": result.status, "session": result.session, "data": str(opts.data),
-                "new_samples": result.report.get("samples_used", result.report.get("new_samples")),
-                "reason": result.report.get("reason"), "exit_code": int(code),
-                "seconds": round(time.perf_counter() - start, 3)})
+    night = {"verb": "adapt", "status": result.status, "session": result.session, "data": str(opts.data),
+             "new_samples": result.report.get("samples_used", result.report.get("new_samples")),
+             "reason": result.report.get("reason"), "exit_code": int(code),
+             "seconds": round(time.perf_counter() - start, 3)}
+    wd.log_run(night)
+    record_night(wd, opts.track, night)  # after the commit: queued, sent when the store answers
     return result
 
 
