@@ -208,10 +208,16 @@ def test_server_down_mid_night_queues_and_a_later_run_delivers_once(tmp_path, mo
 
 
 def test_a_send_cut_off_midway_is_redone_not_duplicated(tmp_path, monkeypatch, server, clip_dir):
-    """Bug caught: a run half-sent before a crash (no `complete` tag) left beside the resent one, or a record
-    deleted from the queue before its run is complete."""
+    """Bugs caught: a run half-sent before a crash (no `complete` tag) left beside the resent one, with its model
+    version; a record deleted from the queue before its run is complete; a complete run sent again."""
     wd = tmp_path / "runs"
-    monkeypatch.setattr(Store, "_register", lambda *a: (_ for _ in ()).throw(ConnectionError("cut")))
+    register = Store._register
+
+    def cut_after_registering(*args):
+        register(*args)
+        raise ConnectionError("cut")  # the version exists, the run is not complete
+
+    monkeypatch.setattr(Store, "_register", cut_after_registering)
     _night(monkeypatch, "box-d", wd, write_toy_images(tmp_path / "d", seed=5), "--model", str(clip_dir),
            "--track", server.uri, "--lr", "1e-6")
     workdir = Workdir.open(wd)
@@ -220,10 +226,16 @@ def test_a_send_cut_off_midway_is_redone_not_duplicated(tmp_path, monkeypatch, s
     half = _runs(client, "box-d")
     assert len(half) == 1 and COMPLETE not in half[0].data.tags
     monkeypatch.undo()
+    record = pending(workdir)[0].read_bytes()
     assert flush(workdir, server.uri) == 1 and pending(workdir) == []
     runs = _runs(client, "box-d")
     assert len(runs) == 1 and runs[0].data.tags[COMPLETE] == "1" and runs[0].info.run_id != half[0].info.run_id
     assert runs[0].data.tags[KEY] == half[0].data.tags[KEY]
+    assert len(client.search_model_versions("name = 'lorsu-edge-box-d'")) == 1
+    # a crash after the run was complete but before its queue file was removed: sending it again is a no-op
+    (workdir.root / "track-queue" / "00-again.json").write_bytes(record)
+    assert flush(workdir, server.uri) == 1 and pending(workdir) == []
+    assert [r.info.run_id for r in _runs(client, "box-d")] == [runs[0].info.run_id]
     assert len(client.search_model_versions("name = 'lorsu-edge-box-d'")) == 1
 
 
