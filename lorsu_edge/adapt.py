@@ -26,6 +26,8 @@ import torch
 from lorsu_edge import __version__
 from lorsu_edge.adapter import save_adapter
 from lorsu_edge.config import MethodConfig
+from lorsu_edge.distributed import (is_main, main_computes, open_workdir, per_rank, rank_slice, rank_starts,
+                                     setup)
 from lorsu_edge.errors import BadInputError, ExitCode, LorsuError
 from lorsu_edge.inject import freeze, inject, select_targets
 from lorsu_edge.load import (Loaded, apply_encoder, config_role, load_model, load_vlm_tower_in_dual, read_config,
@@ -85,8 +87,8 @@ def fault_point(phase: str) -> None:
 
 
 def pick_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "auto":  # under torchrun: this rank's device
+        return setup() or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
 
 
@@ -124,7 +126,7 @@ def plan_run(base: str, opts: AdaptOptions, loss: str, role: str, precision: str
         log.warning("bitsandbytes is unusable here (%s): planning for an unquantized language model", problem)
     quantize = resolve_quantize(opts.quantize, role, loss, bitsandbytes_works=problem is None)
     text_model = resolve_source(opts.text_model) if opts.text_model else None
-    plan = make_plan(resolve_source(base), method_cfg=opts.method, loss=loss, batch_size=opts.train.batch_size,
+    plan = make_plan(resolve_source(base), method_cfg=opts.method, loss=loss, batch_size=per_rank(opts.train.batch_size),
                      budget_bytes=opts.budget, profile=opts.profile, dtype=precision, quantize=quantize,
                      text_model=text_model)
     check_fits(plan)
@@ -148,7 +150,7 @@ def new_samples(samples: SampleSet, seen: set[str]) -> list[Sample]:
 
 
 def micro_batches(objective, samples: list[Sample], size: int) -> Iterator[tuple[Batch, int]]:
-    for i in range(0, len(samples), size):
+    for i in rank_starts(len(samples), size):  # data-parallel: this rank's chunks only
         batch = objective.make_batch(samples[i:i + size])
         yield batch, batch.size
 
@@ -165,7 +167,7 @@ def training_steps(objective, samples: list[Sample], cfg: TrainConfig) -> Iterat
     for _ in range(cfg.epochs):
         order = torch.randperm(len(samples), generator=gen).tolist()
         for i in range(0, len(order), cfg.batch_size):
-            chunk = [samples[j] for j in order[i:i + cfg.batch_size]]
+            chunk = rank_slice([samples[j] for j in order[i:i + cfg.batch_size]])
             yield [objective.make_batch(chunk[k:k + micro]) for k in range(0, len(chunk), micro)]
 
 
@@ -309,6 +311,7 @@ def known_scores(wd: Workdir, current: str | None) -> dict[str, tuple[str, float
             if f"{name}_set_sha256" in report and f"{name}_accuracy" in report}
 
 
+@main_computes  # data-parallel: rank 0 scores, the others receive its scores
 def score_sets(loaded: Loaded, sets: dict[str, SampleSet], device: torch.device, precision: str,
                known: dict[str, tuple[str, float]] | None = None) -> dict[str, float]:
     """Accuracy per set; a set the current model was already scored on (same fingerprint) is not re-run."""
@@ -385,7 +388,10 @@ def adapt(opts: AdaptOptions) -> AdaptResult:
 
     Every run, failed ones included, leaves one JSON line in the workdir's runs.jsonl for monitoring.
     """
-    wd = Workdir.open(opts.workdir, create=True)
+    setup()
+    wd = open_workdir(opts.workdir)  # data-parallel: ranks > 0 get a view that never writes
+    if not is_main():
+        opts = replace(opts, save_full=None, show_progress=False)
     start = time.perf_counter()
     if not opts.show_progress:  # nightly logs: no loading bars from transformers either
         from transformers.utils import logging as hf_logging

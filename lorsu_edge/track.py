@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from lorsu_edge.atomic import atomic_write_json, fsync_dir, is_temp_name
+from lorsu_edge.distributed import is_main
 from lorsu_edge.errors import BadInputError
 from lorsu_edge.session import REPORT_FILE, STATUS_FILE, Workdir, now_iso
 
@@ -142,6 +143,8 @@ def record_rollback(wd: Workdir, flag: str | None, session: str | None) -> None:
 
 
 def _guarded(wd: Workdir, flag: str | None, record: dict[str, Any]) -> None:
+    if not is_main():  # data-parallel: rank 0 records the night
+        return
     try:
         if flag:
             remember_uri(wd, flag)

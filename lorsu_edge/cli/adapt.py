@@ -11,6 +11,7 @@ import typer
 from lorsu_edge.cli.errors import handle_errors
 from lorsu_edge.config import MethodConfig, field_help
 from lorsu_edge.budget import SIZE_HELP, parse_size
+from lorsu_edge.distributed import is_main, shutdown
 from lorsu_edge.errors import BadInputError, ExitCode
 from lorsu_edge.samples import check_templates
 from lorsu_edge.track import check_track
@@ -93,8 +94,12 @@ def command(
         )
     except ValueError as e:
         raise BadInputError(str(e), hint="see lorsu-edge adapt --help") from None
-    result = adapt(opts)
-    _print(result, json_line)
+    try:
+        result = adapt(opts)
+    finally:
+        shutdown()  # data-parallel: leave the process group, or the process aborts at exit
+    if is_main():
+        _print(result, json_line)
     if result.status == "rejected":
         raise typer.Exit(int(ExitCode.REJECTED))
 
