@@ -26,8 +26,8 @@ import torch
 from lorsu_edge import __version__
 from lorsu_edge.adapter import save_adapter
 from lorsu_edge.config import MethodConfig
-from lorsu_edge.distributed import (is_main, main_computes, open_workdir, per_rank, rank_slice, rank_starts,
-                                     setup)
+from lorsu_edge.distributed import (is_main, main_computes, open_workdir, rank_slice, rank_starts, setup,
+                                     world_size)
 from lorsu_edge.errors import BadInputError, ExitCode, LorsuError
 from lorsu_edge.inject import freeze, inject, select_targets
 from lorsu_edge.load import (Loaded, apply_encoder, config_role, load_model, load_vlm_tower_in_dual, read_config,
@@ -126,9 +126,9 @@ def plan_run(base: str, opts: AdaptOptions, loss: str, role: str, precision: str
         log.warning("bitsandbytes is unusable here (%s): planning for an unquantized language model", problem)
     quantize = resolve_quantize(opts.quantize, role, loss, bitsandbytes_works=problem is None)
     text_model = resolve_source(opts.text_model) if opts.text_model else None
-    plan = make_plan(resolve_source(base), method_cfg=opts.method, loss=loss, batch_size=per_rank(opts.train.batch_size),
+    plan = make_plan(resolve_source(base), method_cfg=opts.method, loss=loss, batch_size=opts.train.batch_size,
                      budget_bytes=opts.budget, profile=opts.profile, dtype=precision, quantize=quantize,
-                     text_model=text_model)
+                     text_model=text_model, processes=world_size())  # data-parallel: per process
     check_fits(plan)
     return plan
 
@@ -140,7 +140,7 @@ def apply_plan(opts: AdaptOptions, plan) -> AdaptOptions:
 
 def plan_fields(plan) -> dict[str, Any]:
     return {"predicted_peak_bytes": plan.predicted_peak_bytes, "budget_bytes": plan.budget_bytes,
-            "plan": {"profile": plan.profile, "micro_batch": plan.micro_batch, "grad_accum": plan.grad_accum,
+            "plan": {"profile": plan.profile, "processes": plan.processes, "micro_batch": plan.micro_batch, "grad_accum": plan.grad_accum,
                      "checkpointing": plan.checkpointing, "quantize": plan.quantize,
                      "importance_block_groups": plan.importance_block_groups, "peak_phase": plan.peak_phase}}
 

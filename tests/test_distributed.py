@@ -37,6 +37,19 @@ def test_ranks_partition_every_batch_exactly_once(monkeypatch, world):
         assert sorted(starts) == list(range(0, n, 2))
 
 
+def test_plan_is_per_process(tmp_path):
+    """The planner sizes one process's share of the batch (what `adapt` under torchrun gives it)."""
+    from lorsu_edge.plan import format_plan, make_plan
+
+    clip = save_tiny("clip", tmp_path / "clip")
+    two = make_plan(clip, batch_size=16, processes=2, profile="cpu")
+    assert (two.processes, two.batch_size) == (2, 8)
+    assert two.predicted_peak_bytes == make_plan(clip, batch_size=8, profile="cpu").predicted_peak_bytes
+    assert two.predicted_peak_bytes < make_plan(clip, batch_size=16, profile="cpu").predicted_peak_bytes
+    assert "batch 8 per process, 2 processes" in format_plan(two)
+    assert make_plan(clip, batch_size=5, processes=2, profile="cpu").batch_size == 3  # the larger share
+
+
 @pytest.mark.slow
 def test_torchrun_two_processes_match_one(tmp_path):
     clip = save_tiny("clip", tmp_path / "clip")
