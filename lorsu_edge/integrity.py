@@ -130,19 +130,24 @@ def require_intact(wd: Workdir, sid: str) -> None:
                              "ancestor, current; or restore the session's files from a backup")
 
 
-def fall_back_if_damaged(wd: Workdir) -> str | None:
-    """Before chaining (adapt, under the lock): if the current session is damaged, make its newest intact
-    ancestor current, say so loudly (stderr + runs.jsonl) and return the warning; None when all is well."""
+def fall_back_if_damaged(wd: Workdir, write: bool = True) -> tuple[str | None, str | None]:
+    """Before chaining (adapt, under the lock): (the session to start from, a warning or None).
+
+    When the current session is damaged, its newest intact ancestor (None: the base model) is returned
+    and, with `write` (rank 0 of a data-parallel run; the others only read), made current and announced
+    loudly: stderr and runs.jsonl. Callers start from the returned id, not from a re-read pointer.
+    """
     current = wd.current()
     good, problems = newest_intact(wd, current)
     if not problems:
-        return None
-    wd.rollback(good or "base")
+        return current, None
     damage = "; ".join(f"session {s}: {p}" for s, p in problems.items())
     warning = f"damaged current model ({damage}): fell back to {_name(good)}, never chaining onto a corrupt encoder"
-    log.warning("warning: %s", warning)
-    wd.log_run({"verb": "adapt", "status": "fallback", "from": current, "to": good, "warning": warning})
-    return warning
+    if write:
+        wd.rollback(good or "base")
+        log.warning("warning: %s", warning)
+        wd.log_run({"verb": "adapt", "status": "fallback", "from": current, "to": good, "warning": warning})
+    return good, warning
 
 
 def check_base_encoder(wd: Workdir, base_hash: str, route: str) -> None:

@@ -32,7 +32,7 @@ def _root(
 
 
 def _register() -> None:
-    from lorsu_edge.cli import adapt, demo, eval, export, history, models, plan, profiles, prune, rollback
+    from lorsu_edge.cli import adapt, demo, eval, export, fleet, history, models, plan, profiles, prune, rollback
 
     app.command("demo")(demo.command)
     app.command("adapt")(adapt.command)
@@ -44,6 +44,7 @@ def _register() -> None:
     app.command("rollback")(rollback.command)
     app.command("prune")(prune.command)
     app.add_typer(models.app, name="models")
+    app.add_typer(fleet.app, name="fleet")
 
 
 _register()
