@@ -43,7 +43,9 @@ def _images(folder: Path, seed: int) -> None:
 
 def _env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("LORSU_EDGE_FAULT", "LORSU_EDGE_DEBUG")}
-    return {**env, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **extra}
+    # tracking off here too: module fixtures run before conftest's per-test switch, and a tracking store
+    # in the workdir would not fit the storage tests' 1 MiB filesystem
+    return {**env, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "LORSU_EDGE_TRACK": "off", **extra}
 
 
 def _adapt(workdir: Path, model: Path, data: Path, *extra: str, **env: str) -> subprocess.CompletedProcess:
