@@ -1,0 +1,109 @@
+"""The sparse fc1 layer's weight gradient at its selected entries only, and when that beats the dense one.
+
+grad_delta[k] = sum_t g[t, r_k] x[t, c_k] for the selected entries (r_k, c_k) of an out x in weight. Two
+ways to get it, both accumulating in fp32:
+
+- sampled: `torch.sparse.sampled_addmm` on a CSR pattern built once per layer, 2 * tokens * selected
+  FLOPs. Its CPU kernel is one memory-bound dot product per entry and has no bf16 version, so it is
+  not `1 / density` times faster than the dense matmul, only sometimes faster;
+- dense: the tokens x out x in matmul (BLAS, in the compute dtype), then a gather of the entries.
+
+`prefer_sampled` picks one from a crossover density measured per device and compute dtype by
+`benchmarks/bench_sparse_grad.py` (see benchmarks/README.md); an unmeasured device gets the dense path.
+Both paths bound their transients to about one fp32 weight-sized tensor, whatever the token count.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+# Largest density at which the sampled kernel beat the dense matmul, per (device type, compute dtype),
+# from `python benchmarks/bench_sparse_grad.py` (fc1 shapes of ViT-B/16 and DINOv2-S, batch 8; AMD EPYC,
+# AVX512-BF16, 2 threads). The dense bf16 matmul is about twice as fast as the fp32 one, hence two rows.
+SAMPLED_MAX_DENSITY: dict[tuple[str, torch.dtype], float] = {
+    ("cpu", torch.bfloat16): 0.05,
+    ("cpu", torch.float32): 0.12,
+}
+# Tokens per sampled_addmm call: 32 to 4096 measured on ViT-B/16's fc1 at density 0.1, 128 fastest
+# (36 ms vs 43 ms at 768 and 51 ms at 4096, CPU time, one thread).
+TOKEN_CHUNK = 128
+
+
+def prefer_sampled(device: torch.device, dtype: torch.dtype, density: float) -> bool:
+    """True when the sampled kernel is measured to be faster than the dense matmul at this density."""
+    return density <= SAMPLED_MAX_DENSITY.get((device.type, dtype), 0.0)
+
+
+@dataclass(frozen=True)
+class SparsePattern:
+    """The selected entries of an out x in weight as a CSR pattern (int32), built once per index tensor.
+
+    `order` maps CSR order (row-major) back to the order of the flat indices; None when they are sorted.
+    """
+
+    crow: torch.Tensor
+    col: torch.Tensor
+    order: torch.Tensor | None
+    shape: tuple[int, int]
+
+    @classmethod
+    def from_flat(cls, indices: torch.Tensor, shape: tuple[int, int]) -> SparsePattern:
+        out_f, in_f = shape
+        flat = indices.to(torch.long)
+        order = None
+        if flat.numel() > 1 and not bool((flat[1:] > flat[:-1]).all()):
+            flat, order = flat.sort()
+            if flat.numel() > 1 and not bool((flat[1:] > flat[:-1]).all()):
+                raise ValueError("sparse fc1 indices repeat an entry")
+        counts = torch.bincount(flat // in_f, minlength=out_f)
+        crow = torch.zeros(out_f + 1, dtype=torch.int32, device=flat.device)
+        crow[1:] = counts.cumsum(0)
+        return cls(crow, (flat % in_f).to(torch.int32), order, shape)
+
+    def unsort(self, values: torch.Tensor) -> torch.Tensor:
+        """Values in CSR order -> values in the order of the flat indices."""
+        if self.order is None:
+            return values
+        return torch.empty_like(values).index_copy_(0, self.order, values)
+
+
+def _acc_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(t.dtype, torch.float32)  # fp32 for bf16/fp16, fp64 stays fp64 (gradcheck)
+
+
+def dense_grad(g: torch.Tensor, x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """(tokens x out, tokens x in) -> the gradient at `indices` (fp32 or wider), via the full weight gradient."""
+    return (g.t() @ x).reshape(-1).index_select(0, indices).to(_acc_dtype(g))
+
+
+def sampled_grad(g: torch.Tensor, x: torch.Tensor, pattern: SparsePattern) -> torch.Tensor:
+    """(tokens x out, tokens x in) -> the gradient at the pattern's entries (fp32 or wider), in the indices' order.
+
+    Tokens are taken TOKEN_CHUNK at a time: the fp32 copies stay small (out x 128 at most) and one
+    chunk of x^T stays in a core's L2 cache while every entry's dot product reads it.
+    """
+    acc_dtype = _acc_dtype(g)
+    values = torch.zeros(pattern.col.numel(), dtype=acc_dtype, device=g.device)
+    with warnings.catch_warnings():  # "sparse CSR support is in beta": true, and not the user's concern
+        warnings.simplefilter("ignore", UserWarning)
+        acc = torch.sparse_csr_tensor(pattern.crow, pattern.col, values, pattern.shape, check_invariants=False)
+    for start in range(0, g.shape[0], TOKEN_CHUNK):
+        stop = start + TOKEN_CHUNK
+        g_chunk = g[start:stop].t().to(acc_dtype).contiguous()  # out x chunk, rows contiguous: the dot operand
+        acc = torch.sparse.sampled_addmm(acc, g_chunk, x[start:stop].to(acc_dtype))
+    return pattern.unsort(acc.values())
+
+
+def gathered_grad(g: torch.Tensor, x: torch.Tensor, indices: torch.Tensor, in_features: int) -> torch.Tensor:
+    """The sampled gradient without a CSR tensor (fake tensors have none): batched dot products of the
+    gathered rows of g^T and x^T, chunked so each gathered operand is at most weight-sized. Same FLOPs
+    (2 * tokens * selected), so the planner and the FLOP benchmark see what the sampled path costs."""
+    rows, cols = indices // in_features, indices % in_features
+    gt, xt = g.t().to(_acc_dtype(g)), x.t().to(_acc_dtype(g))
+    chunk = max(1, g.shape[1] * in_features // max(g.shape[0], 1))
+    parts = [torch.bmm(gt[rows[s:s + chunk]].unsqueeze(1), xt[cols[s:s + chunk]].unsqueeze(2)).reshape(-1)
+             for s in range(0, indices.numel(), chunk)]
+    return torch.cat(parts) if parts else g.new_zeros(0, dtype=_acc_dtype(g))
