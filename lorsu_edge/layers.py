@@ -165,7 +165,12 @@ class SparseDeltaLinear(_Mergeable):
         self.register_buffer("indices", indices.reshape(-1).to(base.weight.device, index_dtype).clone())
         self.delta = nn.Parameter(torch.zeros(self.indices.numel(), device=base.weight.device))
         self.grad_mode: GradMode = grad_mode
-        self._pattern: tuple[tuple, SparsePattern] | None = None
+        self._set_pattern()
+        self.register_load_state_dict_post_hook(SparseDeltaLinear._after_load)
+
+    @staticmethod
+    def _after_load(module: SparseDeltaLinear, _incompatible) -> None:
+        module._set_pattern()  # load_state_dict copied new indices in place: the pattern must follow
 
     def _touched(self) -> torch.Tensor:
         return self.indices.long()  # index_copy_ (merge, unmerge) takes int64 only
@@ -173,12 +178,16 @@ class SparseDeltaLinear(_Mergeable):
     def _touched_delta(self) -> torch.Tensor:
         return self.delta
 
+    def _set_pattern(self) -> None:
+        """Build the CSR pattern of `indices` once (non-persistent buffers: they follow .to() but are not
+        saved; the planner counts them as adapter state, which they are: 4 bytes per selected entry)."""
+        p = SparsePattern.from_flat(self.indices, tuple(self.base.weight.shape))
+        self.register_buffer("pattern_crow", p.crow, persistent=False)
+        self.register_buffer("pattern_col", p.col, persistent=False)
+        self.register_buffer("pattern_order", p.order, persistent=False)
+
     def pattern(self) -> SparsePattern:
-        """The CSR pattern of `indices`, rebuilt only when they change (load_state_dict, .to())."""
-        key = (self.indices.device, self.indices.data_ptr(), self.indices._version)
-        if self._pattern is None or self._pattern[0] != key:
-            self._pattern = (key, SparsePattern.from_flat(self.indices, tuple(self.base.weight.shape)))
-        return self._pattern[1]
+        return SparsePattern(self.pattern_crow, self.pattern_col, self.pattern_order, tuple(self.base.weight.shape))
 
     def _grad_path(self, x: torch.Tensor) -> _GradPath:
         kind = self.grad_mode

@@ -19,6 +19,7 @@ import warnings
 from dataclasses import dataclass
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 # Largest density at which the sampled kernel beat the dense matmul, per (device type, compute dtype),
 # from `python benchmarks/bench_sparse_grad.py` (fc1 shapes of ViT-B/16 and DINOv2-S, batch 8; AMD EPYC,
@@ -52,11 +53,13 @@ class SparsePattern:
     @classmethod
     def from_flat(cls, indices: torch.Tensor, shape: tuple[int, int]) -> SparsePattern:
         out_f, in_f = shape
+        if is_fake(indices):  # planner / FLOP counting: only the sizes exist (and are all that is needed)
+            return cls(indices.new_empty(out_f + 1, dtype=torch.int32), indices.to(torch.int32), None, shape)
         flat = indices.to(torch.long)
         order = None
         if flat.numel() > 1 and not bool((flat[1:] > flat[:-1]).all()):
             flat, order = flat.sort()
-            if flat.numel() > 1 and not bool((flat[1:] > flat[:-1]).all()):
+            if not bool((flat[1:] > flat[:-1]).all()):
                 raise ValueError("sparse fc1 indices repeat an entry")
         counts = torch.bincount(flat // in_f, minlength=out_f)
         crow = torch.zeros(out_f + 1, dtype=torch.int32, device=flat.device)

@@ -156,12 +156,13 @@ def test_fake_tensors_count_the_sampled_flops():
 
 
 def test_indices_are_int32_and_old_int64_adapters_load(tmp_path):
-    """New layers store int32 indices; a state saved with int64 indices (adapters written before) loads into
-    the same entries."""
+    """New layers store int32 indices and save no derived pattern; a state saved with int64 indices (adapters
+    written before) loads into the same entries."""
     idx = _indices()
     layer = _layer(idx, "auto")
     assert layer.indices.dtype == torch.int32 and torch.equal(layer.indices.long(), idx)
     state = {k: v for k, v in layer.state_dict().items() if not k.startswith("base.")}
+    assert set(state) == {"indices", "delta", "bias_delta"}
     save_file({**state, "indices": idx.to(torch.int64)}, str(tmp_path / "old.safetensors"))
     old = load_file(str(tmp_path / "old.safetensors"))
     assert old["indices"].dtype == torch.int64
