@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch._subclasses.fake_tensor import is_fake
 
-from lorsu_edge.sparse_grad import SparsePattern, dense_grad, gathered_grad, prefer_sampled, sampled_grad
+from lorsu_edge.sparse_grad import RowSplit, SparsePattern, crossover, dense_grad, gathered_grad
 
 GradMode = Literal["auto", "sampled", "gathered", "dense"]
 
@@ -41,10 +41,10 @@ def _effective_weight(weight: torch.Tensor, indices: torch.Tensor, delta: torch.
 
 @dataclass(frozen=True)
 class _GradPath:
-    """How backward forms the weight gradient: "sampled" (CSR `pattern`), "gathered" or "dense"."""
+    """How backward forms the weight gradient: "split" (by row, `split`), "gathered" or "dense"."""
 
     kind: str
-    pattern: SparsePattern | None = None
+    split: RowSplit | None = None
 
 
 class _SparseDeltaLinearFn(torch.autograd.Function):
@@ -52,8 +52,8 @@ class _SparseDeltaLinearFn(torch.autograd.Function):
 
     Saving the effective weight (what a plain F.linear would do) costs one fc1-sized copy per block
     for the whole backward; rebuilding it is one cast of W, the one autocast would make anyway.
-    The delta's gradient is formed at the selected entries only, or densely then gathered where the
-    dense matmul is faster (`sparse_grad.prefer_sampled`).
+    The delta's gradient is formed at the selected entries only: sampled for sparse rows, by a matmul
+    over the dense rows only for the others (`sparse_grad.RowSplit`).
     """
 
     @staticmethod
@@ -78,8 +78,8 @@ class _SparseDeltaLinearFn(torch.autograd.Function):
 
 
 def _delta_grad(g: torch.Tensor, x: torch.Tensor, indices: torch.Tensor, path: _GradPath) -> torch.Tensor:
-    if path.kind == "sampled":
-        return sampled_grad(g, x, path.pattern)
+    if path.kind == "split":
+        return path.split.grad(g, x)
     if path.kind == "gathered":
         return gathered_grad(g, x, indices, x.shape[-1])
     return dense_grad(g, x, indices)
@@ -154,8 +154,9 @@ class SparseDeltaLinear(_Mergeable):
     """fc1 with a trainable delta on a fixed set of entries (flat `indices`) and an optional bias delta.
 
     Indices are stored as int32 where the weight allows (half the bytes; the ops that read them accept
-    int32). `grad_mode` chooses how backward forms the delta's gradient: "auto" (sampled or dense by
-    the measured crossover), or one path forced (tests, benchmarks).
+    int32). `grad_mode` chooses how backward forms the delta's gradient: "auto" (each row sampled or
+    dense by the measured crossover), "sampled" (every row), "dense" (the full weight gradient, then a
+    gather) or "gathered" (the sampled FLOPs without a CSR tensor: what fake tensors run).
     """
 
     def __init__(self, base: nn.Linear, indices: torch.Tensor, train_bias: bool = True,
@@ -164,13 +165,31 @@ class SparseDeltaLinear(_Mergeable):
         index_dtype = torch.int32 if base.weight.numel() <= torch.iinfo(torch.int32).max else torch.long
         self.register_buffer("indices", indices.reshape(-1).to(base.weight.device, index_dtype).clone())
         self.delta = nn.Parameter(torch.zeros(self.indices.numel(), device=base.weight.device))
-        self.grad_mode: GradMode = grad_mode
-        self._set_pattern()
+        self.grad_mode = grad_mode
         self.register_load_state_dict_post_hook(SparseDeltaLinear._after_load)
 
     @staticmethod
     def _after_load(module: SparseDeltaLinear, _incompatible) -> None:
-        module._set_pattern()  # load_state_dict copied new indices in place: the pattern must follow
+        module._set_split()  # load_state_dict copied new indices in place: the split must follow
+
+    @property
+    def grad_mode(self) -> GradMode:
+        return self._grad_mode
+
+    @grad_mode.setter
+    def grad_mode(self, mode: GradMode) -> None:
+        self._grad_mode = mode
+        self._set_split()
+
+    def _set_split(self) -> None:
+        """Build the row split once (non-persistent buffers: they follow .to() but are not saved; the
+        planner counts them as adapter state, which they are: 8 bytes per selected entry + 5 per row)."""
+        limit = {"auto": crossover(self.base.weight.device), "sampled": math.inf}.get(self.grad_mode)
+        split = None if limit is None else RowSplit.build(self.indices, tuple(self.base.weight.shape), limit)
+        for name in ("dense_row", "dense_pos", "dense_local", "sparse_pos"):
+            self.register_buffer(f"split_{name}", None if split is None else getattr(split, name), persistent=False)
+        self.register_buffer("split_crow", None if split is None else split.sparse.crow, persistent=False)
+        self.register_buffer("split_col", None if split is None else split.sparse.col, persistent=False)
 
     def _touched(self) -> torch.Tensor:
         return self.indices.long()  # index_copy_ (merge, unmerge) takes int64 only
@@ -178,27 +197,17 @@ class SparseDeltaLinear(_Mergeable):
     def _touched_delta(self) -> torch.Tensor:
         return self.delta
 
-    def _set_pattern(self) -> None:
-        """Build the CSR pattern of `indices` once (non-persistent buffers: they follow .to() but are not
-        saved; the planner counts them as adapter state, which they are: 4 bytes per selected entry)."""
-        p = SparsePattern.from_flat(self.indices, tuple(self.base.weight.shape))
-        self.register_buffer("pattern_crow", p.crow, persistent=False)
-        self.register_buffer("pattern_col", p.col, persistent=False)
-        self.register_buffer("pattern_order", p.order, persistent=False)
-
-    def pattern(self) -> SparsePattern:
-        return SparsePattern(self.pattern_crow, self.pattern_col, self.pattern_order, tuple(self.base.weight.shape))
+    def row_split(self) -> RowSplit:
+        shape = tuple(self.base.weight.shape)
+        return RowSplit(self.split_dense_row, self.split_dense_pos, self.split_dense_local, self.split_sparse_pos,
+                        SparsePattern(self.split_crow, self.split_col, None, shape))
 
     def _grad_path(self, x: torch.Tensor) -> _GradPath:
-        kind = self.grad_mode
-        if kind == "auto":
-            density = self.indices.numel() / max(self.base.weight.numel(), 1)
-            kind = "sampled" if prefer_sampled(x.device, x.dtype, density) else "dense"
-        if kind == "sampled" and is_fake(x):
-            kind = "gathered"  # fake tensors have no CSR layout; same FLOPs and bounded transients
-        if kind == "sampled":
-            return _GradPath(kind, self.pattern())
-        return _GradPath(kind)
+        if self.grad_mode in ("dense", "gathered"):
+            return _GradPath(self.grad_mode)
+        if is_fake(x):
+            return _GradPath("gathered")  # fake tensors have no CSR layout; same FLOPs, bounded transients
+        return _GradPath("split", self.row_split())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:

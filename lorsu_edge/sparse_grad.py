@@ -1,16 +1,18 @@
-"""The sparse fc1 layer's weight gradient at its selected entries only, and when that beats the dense one.
+"""The sparse fc1 layer's weight gradient at its selected entries only, split by row between two kernels.
 
 grad_delta[k] = sum_t g[t, r_k] x[t, c_k] for the selected entries (r_k, c_k) of an out x in weight. Two
-ways to get it, both accumulating in fp32:
+kernels, both accumulating in fp32:
 
-- sampled: `torch.sparse.sampled_addmm` on a CSR pattern built once per layer, 2 * tokens * selected
-  FLOPs. Its CPU kernel is one memory-bound dot product per entry and has no bf16 version, so it is
-  not `1 / density` times faster than the dense matmul, only sometimes faster;
-- dense: the tokens x out x in matmul (BLAS, in the compute dtype), then a gather of the entries.
+- sampled: `torch.sparse.sampled_addmm` on a CSR pattern, 2 * tokens * entries FLOPs. Its CPU kernel is
+  one memory-bound dot product per entry and has no bf16 version: per entry it is ~1 / 0.085 times
+  slower than the dense matmul's (bf16 on our CPU), so it is not 1 / density times faster;
+- dense: the tokens x rows x in matmul (BLAS, compute dtype) for a set of rows, then a gather.
 
-`prefer_sampled` picks one from a crossover density measured per device and compute dtype by
-`benchmarks/bench_sparse_grad.py` (see benchmarks/README.md); an unmeasured device gets the dense path.
-Both paths bound their transients to about one fp32 weight-sized tensor, whatever the token count.
+The cost of a row is additive: `in` dense-entry costs, or `count / crossover` sampled ones. So the split
+is per row: a row whose own density is above the measured crossover density (`SAMPLED_MAX_DENSITY`, from
+`benchmarks/bench_sparse_grad.py`) is formed densely, the others are sampled. Importance-chosen
+selections are skewed by row (a third of fc1's rows hold most entries), which makes the split ~2.5x
+cheaper than either kernel alone at sparsity 0.1. An unmeasured device gets the dense kernel only.
 """
 
 from __future__ import annotations
@@ -36,9 +38,15 @@ SAMPLED_MAX_DENSITY: dict[tuple[str, torch.dtype], float] = {
 TOKEN_CHUNK = 128
 
 
+def crossover(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> float:
+    """The measured crossover density (0: never sample). bf16 by default: autocast is the training path,
+    and with a bf16 split an fp32 run stays correct, only less sampled than it could be."""
+    return SAMPLED_MAX_DENSITY.get((device.type, dtype), 0.0)
+
+
 def prefer_sampled(device: torch.device, dtype: torch.dtype, density: float) -> bool:
     """True when the sampled kernel is measured to be faster than the dense matmul at this density."""
-    return density <= SAMPLED_MAX_DENSITY.get((device.type, dtype), 0.0)
+    return density <= crossover(device, dtype)
 
 
 @dataclass(frozen=True)
@@ -74,6 +82,50 @@ class SparsePattern:
         if self.order is None:
             return values
         return torch.empty_like(values).index_copy_(0, self.order, values)
+
+
+@dataclass(frozen=True)
+class RowSplit:
+    """Selected entries split by row: rows denser than the crossover get a dense gradient, the rest the
+    sampled one. Positions are into the layer's `indices`; every index tensor is int32 (4 bytes each), so
+    the bytes depend only on the shapes (out + 4 (out + 1) + 8 per entry): the planner sizes them exactly."""
+
+    dense_row: torch.Tensor  # bool per row: formed densely
+    dense_pos: torch.Tensor  # positions of their entries
+    dense_local: torch.Tensor  # those entries' flat index in the (dense rows) x in block
+    sparse_pos: torch.Tensor  # positions of the other entries, in CSR order
+    sparse: SparsePattern  # the other entries (sorted: no order)
+
+    @classmethod
+    def build(cls, indices: torch.Tensor, shape: tuple[int, int], max_density: float) -> RowSplit:
+        out_f, in_f = shape
+        i32 = torch.int32 if out_f * in_f <= torch.iinfo(torch.int32).max else torch.long
+        if is_fake(indices):  # shapes only: sized as if every row were sampled (the same bytes in all)
+            k = indices.numel()
+            return cls(indices.new_empty(out_f, dtype=torch.bool), indices.new_empty(0, dtype=i32),
+                       indices.new_empty(0, dtype=i32), indices.new_empty(k, dtype=i32),
+                       SparsePattern(indices.new_empty(out_f + 1, dtype=torch.int32), indices.new_empty(k, dtype=i32),
+                                     None, shape))
+        flat, order = indices.to(torch.long).sort()
+        if flat.numel() > 1 and not bool((flat[1:] > flat[:-1]).all()):
+            raise ValueError("sparse fc1 indices repeat an entry")
+        rows = flat // in_f
+        dense_row = torch.bincount(rows, minlength=out_f) > max_density * in_f
+        rank = dense_row.cumsum(0) - 1  # local row of each dense row in the dense block
+        dense = dense_row[rows]
+        local = rank[rows[dense]] * in_f + flat[dense] % in_f
+        return cls(dense_row, order[dense].to(i32), local.to(i32),
+                   order[~dense].to(i32), SparsePattern.from_flat(flat[~dense], shape))
+
+    def grad(self, g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """(tokens x out, tokens x in) -> the gradient at every selected entry, in the indices' order."""
+        out = torch.empty(self.dense_pos.numel() + self.sparse_pos.numel(), dtype=_acc_dtype(g), device=g.device)
+        if self.dense_pos.numel():
+            block = g.index_select(1, self.dense_row.nonzero().reshape(-1)).t() @ x
+            out.index_put_((self.dense_pos,), block.reshape(-1).index_select(0, self.dense_local).to(out.dtype))
+        if self.sparse_pos.numel():
+            out.index_put_((self.sparse_pos,), sampled_grad(g, x, self.sparse))
+        return out
 
 
 def _acc_dtype(t: torch.Tensor) -> torch.dtype:

@@ -1,5 +1,6 @@
-"""The sparse fc1 layer's gradient paths (sampled on a CSR pattern, gathered, dense then gathered) against a
-dense reference, the crossover rule that picks one, and the int32 index storage."""
+"""The sparse fc1 layer's gradient paths (every row sampled on a CSR pattern, rows split between sampled and
+dense by the crossover, gathered, dense then gathered) against a dense reference, the split rule, and the
+int32 index storage."""
 
 from __future__ import annotations
 
@@ -10,10 +11,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lorsu_edge import sparse_grad
-from lorsu_edge.layers import SparseDeltaLinear, _effective_weight, _GradPath, _SparseDeltaLinearFn
-from lorsu_edge.sparse_grad import SparsePattern
+from lorsu_edge.layers import SparseDeltaLinear, _effective_weight, _SparseDeltaLinearFn
+from lorsu_edge.sparse_grad import RowSplit
 
-PATHS = ("sampled", "gathered", "dense")
+PATHS = ("sampled", "auto", "gathered", "dense")
 OUT, IN = 20, 12  # rectangular: a transposed weight gradient cannot pass
 
 
@@ -31,10 +32,6 @@ def _indices(count: int = 37, sort: bool = True, seed: int = 1) -> torch.Tensor:
     return idx.sort().values if sort else idx
 
 
-def _path(layer: SparseDeltaLinear, kind: str) -> _GradPath:
-    return _GradPath(kind, layer.pattern() if kind == "sampled" else None)
-
-
 @pytest.mark.parametrize("kind", PATHS)
 @pytest.mark.parametrize("sort", [True, False], ids=["sorted", "unsorted"])
 def test_gradcheck_float64(kind, sort):
@@ -44,7 +41,8 @@ def test_gradcheck_float64(kind, sort):
     x = torch.randn(2, 5, IN, dtype=torch.float64, requires_grad=True)
     delta = layer.delta.detach().clone().requires_grad_()
     bias = layer._bias().detach().clone().requires_grad_()
-    fn = lambda x, d, b: _SparseDeltaLinearFn.apply(x, layer.base.weight, layer.indices, d, b, _path(layer, kind))
+    path = layer._grad_path(x)
+    fn = lambda x, d, b: _SparseDeltaLinearFn.apply(x, layer.base.weight, layer.indices, d, b, path)
     assert torch.autograd.gradcheck(fn, (x, delta, bias))
 
 
@@ -123,17 +121,23 @@ def test_pattern_follows_reloaded_indices():
 
 def test_repeated_indices_are_refused():
     with pytest.raises(ValueError, match="repeat"):
-        SparsePattern.from_flat(torch.tensor([5, 3, 5]), (OUT, IN))
+        RowSplit.build(torch.tensor([5, 3, 5]), (OUT, IN), 0.1)
 
 
-def test_auto_mode_follows_the_measured_crossover(monkeypatch):
-    """auto = sampled at or below the device's crossover density, dense above it or on an unmeasured device."""
-    monkeypatch.setitem(sparse_grad.SAMPLED_MAX_DENSITY, ("cpu", torch.float32), 0.1)
-    x = torch.randn(2, IN)
-    sparse = SparseDeltaLinear(nn.Linear(IN, OUT), _indices(count=int(0.1 * OUT * IN)))
-    dense = SparseDeltaLinear(nn.Linear(IN, OUT), _indices(count=int(0.1 * OUT * IN) + 1))
-    assert sparse._grad_path(x).kind == "sampled"
-    assert dense._grad_path(x).kind == "dense"
+def test_auto_split_sends_rows_denser_than_the_crossover_to_the_dense_kernel(monkeypatch):
+    """auto: a row goes dense exactly when its own density is above the device's crossover; the test layers
+    above use the real table, where the tiny selection mixes both kinds of row."""
+    monkeypatch.setitem(sparse_grad.SAMPLED_MAX_DENSITY, ("cpu", torch.bfloat16), 0.25)
+    idx = _indices(count=60, sort=False)
+    layer = SparseDeltaLinear(nn.Linear(IN, OUT), idx)
+    counts = torch.bincount(idx // IN, minlength=OUT)
+    split = layer.row_split()
+    assert torch.equal(split.dense_row, counts > 0.25 * IN)
+    assert 0 < split.dense_pos.numel() < idx.numel()
+    assert sorted([*split.dense_pos.tolist(), *split.sparse_pos.tolist()]) == list(range(idx.numel()))
+    assert layer._grad_path(torch.randn(2, IN)).kind == "split"
+    mixed = _layer(_indices(), "auto").row_split()
+    assert mixed.dense_pos.numel() and mixed.sparse_pos.numel()  # the PATHS tests exercise both kernels
     assert not sparse_grad.prefer_sampled(torch.device("meta"), torch.float32, 1e-6)
 
 
