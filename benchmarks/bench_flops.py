@@ -28,9 +28,9 @@ Caveats: matmuls, convolutions and attention only (no elementwise ops, norms or 
 eager attention is used because FlopCounterMode does not count the CPU SDPA kernel (349 vs 382
 GFLOPs for the CLIP-L tower forward). The sparse fc1 layers run their sampled weight gradient (2 x
 tokens x selected FLOPs; on fake tensors the layer computes it as batched dot products, the same
-count): the FLOP-minimal path. Where the dense matmul is faster in wall time (bf16 on a CPU at
-sparsity 0.1, see bench_sparse_grad.py) the layer forms the dense gradient and gathers it instead:
-the `dense-fb` column adds that fallback's extra 2 x tokens x (out x in - selected) per fc1.
+count): the FLOP-minimal path. For rows denser than the measured crossover the layer forms those rows'
+gradient with one dense matmul instead (faster in wall time, more FLOPs; see bench_sparse_grad.py):
+the `dense-fb` column is the other extreme, every row dense, 2 x tokens x (out x in - selected) more per fc1.
 
     python benchmarks/bench_flops.py            # writes benchmarks/results/bench_flops.json (~1 min)
     python benchmarks/bench_flops.py --smoke    # tiny models, seconds
@@ -319,8 +319,8 @@ def table(doc: dict[str, Any]) -> str:
         f"   [paper: > {doc['paper_claim']:.0f}x]",
         f"full VLM update / LoRSU-ppl  = {q['full_vlm/lorsu_ppl']:.2f}x per step "
         f"({q['full_vlm/lorsu_ppl_per_session']:.2f}x per session)",
-        "total: the fc1 weight gradient at the selected entries only (sampled); dense-fb: with the dense fallback\n"
-        "(the full fc1 weight gradient, then a gather), which the layer picks where that is faster in wall time.",
+        "total: the fc1 weight gradient at the selected entries only (sampled); dense-fb: every fc1 row's gradient\n"
+        "formed densely, then gathered (the layer does that for the rows denser than the measured crossover).",
     ]
     return "\n".join(lines)
 
