@@ -3,10 +3,10 @@
 
 Times `lorsu_edge.sparse_grad.sampled_grad` and `dense_grad` (what the layer's backward calls) on fc1
 shapes of the benchmark models with a batch's token count, for each compute dtype and density, and
-reports the crossover: the largest density at which the sampled kernel was faster. Those crossovers are
-what `sparse_grad.SAMPLED_MAX_DENSITY` holds for this device. Selections are uniform at random: the
-importance-chosen ones are not clustered enough to matter (on the default dual encoder they touch
-85% of fc1's rows and ~99% of its columns at sparsity 0.1).
+reports the crossover: the density at which both take the same time (interpolated). Those crossovers
+are what `sparse_grad.SAMPLED_MAX_DENSITY` holds for this device. Selections are uniform at random, which
+measures the kernels; importance-chosen ones touch 85% of fc1's rows and ~99% of its columns (no dense
+tiles) but are skewed by row, which the layer's per-row split (`sparse_grad.RowSplit`) exploits.
 
 Each timing is the minimum over `--repeats` calls of the process's CPU time (`time.process_time`), one
 thread by default: on a shared machine wall time mostly measures the other processes, CPU time much

@@ -26,9 +26,9 @@ from torch._subclasses.fake_tensor import is_fake
 # Density at which the sampled kernel and the dense matmul take the same time, per (device type, compute
 # dtype): the smaller of the crossovers on ViT-B/16's and DINOv2-S's fc1 with a batch of 8, from
 # `python benchmarks/bench_sparse_grad.py --shapes vitb16 dual` (AMD EPYC with AVX512-BF16, one thread,
-# CPU time; two runs, the first with 768-token chunks: bf16 0.082-0.093, fp32 0.198-0.2). The dense bf16 matmul is twice as fast as the
-# fp32 one and the sampled kernel runs in fp32 either way, hence two rows. At the paper's sparsity 0.1,
-# bf16 training takes the dense path on this CPU (the two are within 6-12% there).
+# CPU time; two runs, the first with 768-token chunks: bf16 0.082-0.093, fp32 0.198-0.2). The dense bf16
+# matmul is twice as fast as the fp32 one and the sampled kernel runs in fp32 either way, hence two rows.
+# `RowSplit` applies it per row: at the paper's sparsity 0.1 the denser ~third of fc1's rows goes dense.
 SAMPLED_MAX_DENSITY: dict[tuple[str, torch.dtype], float] = {
     ("cpu", torch.bfloat16): 0.085,
     ("cpu", torch.float32): 0.19,
@@ -49,6 +49,18 @@ def prefer_sampled(device: torch.device, dtype: torch.dtype, density: float) -> 
     return density <= crossover(device, dtype)
 
 
+def _increasing(flat: torch.Tensor) -> bool:
+    return flat.numel() < 2 or bool((flat[1:] > flat[:-1]).all())
+
+
+def _sorted_unique(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sorted indices, their positions); a repeated entry would get two deltas, so it is refused."""
+    flat, order = flat.sort()
+    if not _increasing(flat):
+        raise ValueError("sparse fc1 indices repeat an entry")
+    return flat, order
+
+
 @dataclass(frozen=True)
 class SparsePattern:
     """The selected entries of an out x in weight as a CSR pattern (int32), built once per index tensor.
@@ -64,14 +76,10 @@ class SparsePattern:
     @classmethod
     def from_flat(cls, indices: torch.Tensor, shape: tuple[int, int]) -> SparsePattern:
         out_f, in_f = shape
-        if is_fake(indices):  # planner / FLOP counting: only the sizes exist (and are all that is needed)
-            return cls(indices.new_empty(out_f + 1, dtype=torch.int32), indices.to(torch.int32), None, shape)
         flat = indices.to(torch.long)
         order = None
-        if flat.numel() > 1 and not bool((flat[1:] > flat[:-1]).all()):
-            flat, order = flat.sort()
-            if not bool((flat[1:] > flat[:-1]).all()):
-                raise ValueError("sparse fc1 indices repeat an entry")
+        if not _increasing(flat):
+            flat, order = _sorted_unique(flat)
         counts = torch.bincount(flat // in_f, minlength=out_f)
         crow = torch.zeros(out_f + 1, dtype=torch.int32, device=flat.device)
         crow[1:] = counts.cumsum(0)
@@ -106,9 +114,7 @@ class RowSplit:
                        indices.new_empty(0, dtype=i32), indices.new_empty(k, dtype=i32),
                        SparsePattern(indices.new_empty(out_f + 1, dtype=torch.int32), indices.new_empty(k, dtype=i32),
                                      None, shape))
-        flat, order = indices.to(torch.long).sort()
-        if flat.numel() > 1 and not bool((flat[1:] > flat[:-1]).all()):
-            raise ValueError("sparse fc1 indices repeat an entry")
+        flat, order = _sorted_unique(indices.to(torch.long))
         rows = flat // in_f
         dense_row = torch.bincount(rows, minlength=out_f) > max_density * in_f
         rank = dense_row.cumsum(0) - 1  # local row of each dense row in the dense block
