@@ -9,6 +9,8 @@ from typing import Annotated
 import typer
 
 from lorsu_edge.cli.errors import handle_errors
+from lorsu_edge.cli.inbox import (DEFAULT_MAX_MEGAPIXELS, DEFAULT_MAX_SIZE, AllowOutsideData, MaxImageMegapixels,
+                                  MaxImageSize, image_limits)
 from lorsu_edge.config import MethodConfig, field_help
 from lorsu_edge.budget import SIZE_HELP, parse_size
 from lorsu_edge.errors import BadInputError, ExitCode
@@ -69,6 +71,9 @@ def command(
     min_new_samples: Annotated[int, typer.Option(help="do nothing (exit 0) with fewer new samples than this")] = 1,
     save_full: Annotated[Path | None, typer.Option(help="also write a complete model folder here "
                                                         "(loads with the family's from_pretrained)")] = None,
+    max_image_size: MaxImageSize = DEFAULT_MAX_SIZE,
+    max_image_megapixels: MaxImageMegapixels = DEFAULT_MAX_MEGAPIXELS,
+    allow_outside_data: AllowOutsideData = False,
     json_line: Annotated[bool, typer.Option("--json", help="print the result as one JSON line")] = False,
     progress: Annotated[bool, typer.Option(help="show progress bars")] = True,
 ) -> None:
@@ -85,6 +90,7 @@ def command(
                               precision, seed),
             min_new_samples=min_new_samples, control=control, eval_data=eval_data, max_forgetting=max_forgetting,
             max_total_forgetting=max_total_forgetting, save_full=save_full, show_progress=progress,
+            image_limits=image_limits(max_image_size, max_image_megapixels), allow_outside_data=allow_outside_data,
         )
     except ValueError as e:
         raise BadInputError(str(e), hint="see lorsu-edge adapt --help") from None
