@@ -426,7 +426,9 @@ def _adapt_locked(opts: AdaptOptions, wd: Workdir, start: float) -> AdaptResult:
         eval_sets = load_eval_sets(opts, wd)
         device = pick_device(opts.device)
         precision = resolve_precision(opts.train.precision, device)  # refuse bad combinations before loading
-        role = config_role(read_config(resolve_source(base)))
+        model_config = read_config(resolve_source(base))
+        role = config_role(model_config)
+        opts.method.check_heads(model_config, base)
         loss = opts.loss or default_loss(role)
         check_loss(loss, role, has_text_model=bool(opts.text_model))
         plan = plan_run(base, opts, loss, role, precision)

@@ -35,7 +35,7 @@ from typing import Any
 
 from PIL import Image
 
-from lorsu_edge.errors import DataError
+from lorsu_edge.errors import DataError, decode_utf8
 from lorsu_edge.imagefile import ImageLimits, ImageRefused, decode_image, read_image_bytes
 
 TEMPLATES_NAME = "templates.txt"
@@ -141,21 +141,31 @@ def read_templates(path: Path) -> tuple[str, ...]:
     """Caption templates, one per line, each with a `{label}` placeholder (blank lines and # comments skipped)."""
     if not path.is_file():
         return ()
-    lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
-    return check_templates(tuple(ln for ln in lines if ln and not ln.startswith("#")), str(path))
+    try:
+        text = decode_utf8(path.read_bytes(), str(path), DataError, hint="save the templates as UTF-8")
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {e.strerror or e}", hint="check the file's permissions") from e
+    kept = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if line.strip() and not line.strip().startswith("#"):
+            kept.append(_check_template(line.strip(), f"{path} line {lineno}"))
+    return tuple(kept)
 
 
 def check_templates(templates: tuple[str, ...], where: str) -> tuple[str, ...]:
     """Each template must format with `label=` alone and contain `{label}`."""
-    for t in templates:
-        try:
-            ok = "{label}" in t and bool(t.format(label="x"))
-        except (KeyError, IndexError, ValueError):
-            ok = False
-        if not ok:
-            raise DataError(f"{where}: template {t!r} needs a {{label}} placeholder and no other braces",
-                            hint='write e.g. "a photo of a {label}."')
-    return templates
+    return tuple(_check_template(t, where) for t in templates)
+
+
+def _check_template(template: str, where: str) -> str:
+    try:
+        ok = "{label}" in template and bool(template.format(label="x"))
+    except (KeyError, IndexError, ValueError, AttributeError, TypeError):  # {0}, {x}, {label.nope}, {label[0][0]}..
+        ok = False
+    if not ok:
+        raise DataError(f"{where}: template {template!r} needs a {{label}} placeholder and no other braces",
+                        hint='write e.g. "a photo of a {label}."')
+    return template
 
 
 def load_image(path: Path, limits: ImageLimits = ImageLimits()) -> Image.Image:
@@ -247,10 +257,8 @@ def _no_layout_hint(root: Path) -> str:
 def _read_manifest(path: Path, root: Path) -> list[_Row]:
     """Parse every line first, so a bad line fails fast before any image is opened."""
     try:
-        text = path.read_text(encoding="utf-8-sig")  # -sig: tolerate a BOM from Windows editors
-    except UnicodeDecodeError as e:
-        message = f"{path} is not UTF-8 text (byte {e.start}: {e.reason})"
-        raise DataError(message, hint="save the manifest as UTF-8") from e
+        # -sig: tolerate a BOM from Windows editors
+        text = decode_utf8(path.read_bytes(), str(path), DataError, hint="save the manifest as UTF-8")
     except OSError as e:
         raise DataError(f"cannot read {path}: {e.strerror or e}", hint="check the file's permissions") from e
     # split on \n only: str.splitlines would also split on U+2028 etc., which are legal inside JSON strings
@@ -275,6 +283,8 @@ def _parse_row(line: str, path: Path, lineno: int, root: Path) -> _Row:
     image = _text_field(obj, "image", where, numbers_ok=False)
     if image is None:
         raise DataError(f'{where}: missing field "image"', hint=_ROW_HINT)
+    if "\0" in image:  # no file name holds one; resolving it would raise a bare ValueError
+        raise DataError(f'{where}: field "image" contains a NUL character (\\u0000)', hint=_ROW_HINT)
     label = _text_field(obj, "label", where, numbers_ok=True)
     if obj.get("question") is None and obj.get("answer") is None:
         if label is None:

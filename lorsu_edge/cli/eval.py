@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from lorsu_edge.cli.choices import Quantize
 from lorsu_edge.cli.errors import handle_errors
 from lorsu_edge.cli.inbox import (DEFAULT_MAX_MEGAPIXELS, DEFAULT_MAX_SIZE, AllowOutsideData, MaxImageMegapixels,
                                   MaxImageSize, image_limits)
@@ -21,7 +22,7 @@ def command(
     base: Annotated[bool, typer.Option("--base", help="score the unadapted base model")] = False,
     model: Annotated[str | None, typer.Option(help="base model (default: the workdir's); with --base, works "
                                                    "without a workdir")] = None,
-    quantize: Annotated[str, typer.Option(help="VLM language model: auto | 4bit | 8bit | none")] = "auto",
+    quantize: Annotated[Quantize, typer.Option(help="VLM language model: auto | 4bit | 8bit | none")] = "auto",
     batch_size: Annotated[int, typer.Option(help="images per forward")] = 32,
     max_image_size: MaxImageSize = DEFAULT_MAX_SIZE,
     max_image_megapixels: MaxImageMegapixels = DEFAULT_MAX_MEGAPIXELS,

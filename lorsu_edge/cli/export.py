@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from lorsu_edge.cli.choices import ExportPrecision, Quantize
 from lorsu_edge.cli.errors import handle_errors
 from lorsu_edge.errors import BadInputError
 
@@ -25,7 +26,7 @@ def command(
     out: Annotated[Path | None, typer.Option(help="Output .onnx path (default: <workdir>/exports/"
                                                   "encoder-<session|base>-<precision>.onnx); "
                                                   "the sidecar goes to <out>.json.")] = None,
-    precision: Annotated[str, typer.Option(help="fp32 (exact) | fp16 (LayerNorm kept fp32) | int8 "
+    precision: Annotated[ExportPrecision, typer.Option(help="fp32 (exact) | fp16 (LayerNorm kept fp32) | int8 "
                                                 "(dynamic QInt8 MatMuls, for CPU runtimes).")] = "fp32",
     opset: Annotated[int, typer.Option(help="ONNX opset (17 is tested).")] = 17,
     with_projector: Annotated[bool, typer.Option("--with-projector",
@@ -33,7 +34,7 @@ def command(
                                                       "(LLM-ready image embeddings).")] = False,
     images: Annotated[Path | None, typer.Option(help="Images for the parity proof (default: the session's data "
                                                      "folder if it still exists, else random pixels).")] = None,
-    quantize: Annotated[str, typer.Option(help="How to load a VLM's language model, which is not exported: "
+    quantize: Annotated[Quantize, typer.Option(help="How to load a VLM's language model, which is not exported: "
                                                "auto | 4bit | 8bit | none.")] = "auto",
     json_line: Annotated[bool, typer.Option("--json", help="Print the result as one JSON line.")] = False,
 ) -> None:
