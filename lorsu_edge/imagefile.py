@@ -8,7 +8,7 @@ What an unattended inbox may hold, and what is refused (`ImageRefused`, its mess
 - anything but a regular file (a FIFO would block `read()` for ever, `/dev/zero` never ends, a socket
   cannot be read): checked with fstat on a descriptor opened non-blocking and without following links;
 - a file over `ImageLimits.max_bytes`, or an image over `ImageLimits.max_pixels` (checked from the
-  header, before any pixel is decoded: a 280 KB PNG can declare 144 megapixels);
+  header, before any pixel is decoded: a 300 KB PNG can declare 144 megapixels);
 - any format but the raster ones in `RASTER_FORMATS` (Pillow would hand an EPS/PS/PDF file, whatever
   its name, to Ghostscript).
 """
