@@ -4,6 +4,7 @@ a tiny CLIP, and per kind: the documented exit code, and nothing already saved l
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ pytestmark = pytest.mark.slow
 
 # Faults whose handling is another part of issue 13 (integrity checks + fallback, exit 8 for safetensors'
 # SafetensorError on a full disk): strict, so they fail loudly once that work lands and the mark must go.
-NEEDS_INTEGRITY = pytest.mark.xfail(strict=True, reason="issue 13 items 2 and 4: exit 8 on a full disk, "
+NEEDS_INTEGRITY = pytest.mark.xfail(strict=True, raises=AssertionError, reason="issue 13 items 2 and 4: exit 8 on a full disk, "
                                                         "never chaining onto a damaged encoder")
 
 
@@ -21,6 +22,7 @@ NEEDS_INTEGRITY = pytest.mark.xfail(strict=True, reason="issue 13 items 2 and 4:
 def smoke(tmp_path_factory: pytest.TempPathFactory) -> dict:
     spec = importlib.util.spec_from_file_location("bench_chaos", REPO / "benchmarks" / "bench_chaos.py")
     bench = importlib.util.module_from_spec(spec)
+    sys.modules["bench_chaos"] = bench  # its dataclasses resolve their annotations through sys.modules
     spec.loader.exec_module(bench)
     return bench.chaos(nights=0, seed=0, smoke=True, root=tmp_path_factory.mktemp("chaos"))
 
