@@ -84,4 +84,13 @@ class InterruptedRunError(LorsuError):
     exit_code = ExitCode.INTERRUPTED
 
     outcome: dict = {}
-    """What was done before the stop, for the run log: {"status", "session", "current"} after a commit."""
+    """What was done before the stop, for the run log: {"status", "session", "stopped_by"} after a commit."""
+
+
+def decode_utf8(data: bytes, what: str, error: type[LorsuError], hint: str) -> str:
+    """`data` as UTF-8 text (a leading BOM dropped), or `error` naming `what` and the line of the first bad byte."""
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise error(f"{what} line {line}: not UTF-8 text (byte {e.start}: {e.reason})", hint=hint) from None
