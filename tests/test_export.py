@@ -441,7 +441,7 @@ def test_llava_base_with_projector_without_workdir(tmp_path):
     model_dir = save_tiny("llava", tmp_path / "llava")
     out = tmp_path / "llava.onnx"
     r = _export("--workdir", str(tmp_path / "none"), "--base", "--model", str(model_dir), "--with-projector",
-                "--quantize", "none", "--out", str(out))
+                "--out", str(out))
     assert r.exit_code == 0, r.output
     side = json.loads(Path(f"{out}.json").read_text())
     assert side["output"]["name"] == "projected_features" and side["session_id"] is None

@@ -151,10 +151,27 @@ def trace(module: nn.Module, example: torch.Tensor, opset: int, out_name: str, d
     return Traced(dest, "torchscript (legacy fallback)", external, reason)
 
 
+@contextlib.contextmanager
+def _torch_internal_noise() -> Iterator[None]:
+    """Silence two messages torch's exporter raises about itself, not about this code or the model: a
+    FutureWarning from its own pytree use, and a log line per torchvision op it cannot register (torchvision
+    is not a dependency). Everything else, deprecation warnings included, stays visible."""
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registration.level
+    registration.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                                    category=FutureWarning)
+            yield
+    finally:
+        registration.setLevel(level)
+
+
 def _dynamo(module: nn.Module, example: torch.Tensor, opset: int, out_name: str, dest: Path,
             external: bool) -> None:
     batch = torch.export.Dim("batch")
-    with torch.no_grad():
+    with torch.no_grad(), _torch_internal_noise():
         program = torch.onnx.export(module, (example,), None, dynamo=True, opset_version=opset,
                                     input_names=[INPUT_NAME], output_names=[out_name],
                                     dynamic_shapes=({0: batch},), verbose=False)
