@@ -468,9 +468,11 @@ def test_bench_export_smoke(tmp_path):
                           "--results-dir", str(tmp_path)], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert run.returncode == 0, run.stderr
     doc = json.loads((tmp_path / "bench_export_smoke.json").read_text())
+    files = ("fp32", "fp32 fused", "fp16", "int8", "int8-qdq")
     cells = {(r["engine"], r["batch"]) for r in doc["rows"]}
-    assert cells == {(e, b) for e in ("pytorch eager fp32", "onnxruntime fp32", "onnxruntime int8") for b in (1, 8)}
+    assert cells == {(e, b) for e in ("pytorch eager fp32", *(f"onnxruntime {f}" for f in files)) for b in (1, 8)}
     for r in doc["rows"]:
         assert r["median_ms"] > 0 and r["per_image_ms"] == pytest.approx(r["median_ms"] / r["batch"])
-    assert set(doc["exports"]) == {"fp32", "int8"} and all(e["bytes"] > 0 for e in doc["exports"].values())
-    assert "onnxruntime int8" in run.stdout  # the printed table
+    assert set(doc["exports"]) == set(files) and all(e["bytes"] > 0 for e in doc["exports"].values())
+    assert all(0.9 < e["min_cosine_heldout"] <= 1.0 + 1e-6 for e in doc["exports"].values())
+    assert "onnxruntime int8-qdq" in run.stdout  # the printed table

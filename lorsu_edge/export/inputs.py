@@ -87,13 +87,14 @@ def preprocess_spec(processor: Any) -> tuple[dict[str, Any] | None, str | None]:
     }, None
 
 
-def normalization(processor: Any) -> Normalization:
-    """What `--fold-normalize` moves into the graph: the processor's rescale and per-channel normalisation."""
+def normalization(processor: Any, fold: str) -> Normalization:
+    """What `--fold-normalize` moves into the graph: the processor's per-channel normalisation, and for uint8
+    input its rescale too (float input arrives rescaled to 0..1)."""
     ip = image_processor_of(processor)
     if ip is None:
         raise BadInputError("--fold-normalize needs the model's image processor (its mean and std)",
                             hint="export a model folder that has a preprocessor_config.json")
-    rescale = float(ip.rescale_factor) if getattr(ip, "do_rescale", False) else 1.0
+    rescale = float(ip.rescale_factor) if fold == "uint8" and getattr(ip, "do_rescale", False) else 1.0
     if getattr(ip, "do_normalize", False):
         mean, std = _three(ip.image_mean), _three(ip.image_std)
     else:
@@ -135,7 +136,7 @@ def input_spec(spec: EncoderSpec, processor: Any, fold: str | None = None) -> di
         "name": INPUT_NAME, "dtype": "uint8" if fold == "uint8" else "float32", "layout": "NCHW",
         "shape": ["batch", 3, h, w], "channel_order": "RGB",
         "value_range_after_rescale": value_range,
-        "normalization_in_graph": normalization(processor).as_dict() if fold else None,
+        "normalization_in_graph": normalization(processor, fold).as_dict() if fold else None,
         "preprocess": recipe,
     }
     if why:
@@ -194,7 +195,7 @@ def image_batch(processor: Any, images: Sequence[Path | Image.Image], fold: str 
     if fold == "uint8":
         raw = raw.round().clamp(0, 255)  # already integral (PIL resize on uint8); the cast must not wrap
     feed = raw.numpy().astype(np.uint8 if fold == "uint8" else np.float32)
-    return Batch(feed, normalization(processor).apply(torch.from_numpy(feed)))
+    return Batch(feed, normalization(processor, fold).apply(torch.from_numpy(feed)))
 
 
 def random_batch(spec: EncoderSpec, processor: Any, n: int, fold: str | None = None, seed: int = 0) -> Batch:
@@ -206,7 +207,7 @@ def random_batch(spec: EncoderSpec, processor: Any, n: int, fold: str | None = N
         return Batch(px.numpy(), px)
     raw = torch.randint(0, 256, (n, 3, h, w), generator=gen, dtype=torch.uint8)
     feed = raw.numpy() if fold == "uint8" else (raw.float() / 255).numpy()
-    return Batch(feed, normalization(processor).apply(torch.from_numpy(feed)))
+    return Batch(feed, normalization(processor, fold).apply(torch.from_numpy(feed)))
 
 
 def parity_batches(spec: EncoderSpec, processor: Any, images: Sequence[Path | Image.Image] | None,

@@ -124,13 +124,14 @@ def export_onnx(model: nn.Module, spec: EncoderSpec, processor: Any, out: Path, 
     pre_config = inputs.preprocessor_config(processor, fold_normalize)
     publish.check_preprocessor_slot(out.parent, pre_config)
     if fold_normalize:
-        module = trace.FoldedInput(module, inputs.normalization(processor))
+        module = trace.FoldedInput(module, inputs.normalization(processor, fold_normalize))
     batches, source = inputs.parity_batches(spec, processor, sample_images, fold_normalize)
     calibration = calibration_feeds(processor, calibration_images or sample_images or [], fold_normalize) \
         if precision == "int8-qdq" else []
     tol = tolerance or proof.TOLERANCES[precision]
     stem = f"{out.stem}-{secrets.token_hex(4)}"  # external data names unique per export (see publish)
-    with graceful_sigterm(), _scratch(out) as scratch:
+    with graceful_sigterm(hint="nothing was written; an earlier export at the same path is unchanged"), \
+            _scratch(out) as scratch:
         with trace.eval_mode(module):
             refs = {b: (x.feed, proof.torch_reference(model, spec, x.pixels, with_projector))
                     for b, x in batches.items()}
