@@ -153,6 +153,22 @@ def test_fold_normalize_takes_raw_pixels_with_parity(fold, tmp_path):
     assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max()
 
 
+def test_infer_script_runs_a_folded_uint8_export(tmp_path):
+    """export/infer_onnx.py follows the sidecar: raw uint8 pixels into a folded graph, same result as PyTorch."""
+    model = tiny_model("clip")
+    spec, proc = find_encoder(model), _image_processor("clip")
+    png = _images(tmp_path / "img", 1)[0]
+    res = export_onnx(model, spec, proc, tmp_path / "f" / "e.onnx", fold_normalize="uint8")
+    run = subprocess.run([sys.executable, str(ROOT / "export" / "infer_onnx.py"), str(res.path), str(png)],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    got = np.array(json.loads(run.stdout)["results"][0]["embedding"], dtype=np.float32)
+    with torch.no_grad():
+        ref = image_features(model, spec, proc(images=[Image.open(png).convert("RGB")],
+                                               return_tensors="pt")["pixel_values"]).numpy()[0]
+    assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
 def test_other_preprocessing_in_the_folder_is_refused(tmp_path):
     """A folded and a plain export in one folder would share one preprocessor_config.json: one of them wrong."""
     model = tiny_model("clip_vision")
