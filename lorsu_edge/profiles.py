@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -208,6 +208,8 @@ def host_profile() -> Profile:
 DEVICE_TREE_MODEL = Path("/proc/device-tree/model")
 TEGRA_RELEASE = Path("/etc/nv_tegra_release")
 MEMINFO = Path("/proc/meminfo")
+MEMORY_MISMATCH = 0.15
+"""A board whose memory differs from its family's profile by more than this keeps the profile but its own size."""
 # Board name fragment (device-tree model, lower case) -> the shipped profiles of that module family. Several
 # memory sizes share one name (AGX Orin 32/64 GB): the closest total memory among them wins.
 _JETSON_BOARDS = (
@@ -265,6 +267,11 @@ def jetson_profile(board: str, total: int | None) -> Detection:
     mem = f"{total / 2**30:.1f} GiB" if total else "memory unknown"
     chosen = min(pool, key=lambda p: abs(p.total_memory - total)) if total else pool[0]
     why = "board family" if names else "closest memory among the Jetson profiles (unknown board)"
+    if total and abs(chosen.total_memory - total) > MEMORY_MISMATCH * chosen.total_memory:
+        # e.g. an Orin Nano 4GB: the 8 GB profile's dtypes and reserve apply, its memory does not
+        chosen = replace(chosen, name=f"{chosen.name}-as-detected", total_memory=total,
+                         title=f"{chosen.title} ({mem} detected)")
+        why += f", total memory set to this board's {mem}"
     return Detection(chosen, f"Jetson {board!r}, {mem}: {why}")
 
 

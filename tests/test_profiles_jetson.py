@@ -45,6 +45,14 @@ def test_agx_orin_memory_decides_between_32_and_64(tmp_path):
     assert (small.profile.name, big.profile.name) == ("jetson-agx-orin-32gb", "jetson-agx-orin-64gb")
 
 
+def test_smaller_module_of_a_family_plans_with_its_own_memory(tmp_path):
+    """An Orin Nano 4GB matches the 8 GB profile by name: planning it with 7.4 GiB would overcommit by 2x."""
+    found = profiles.detect(**_fake(tmp_path, "NVIDIA Jetson Orin Nano Developer Kit", "3.4GiB"), cuda=True)
+    assert found.profile.total_memory == profiles.parse_size("3.4GiB") // 1024 * 1024  # MemTotal is in kB
+    assert found.profile.name.startswith("jetson-orin-nano-8gb") and "3.4 GiB" in found.reason
+    assert found.profile.reserve == profiles.get_profile("jetson-orin-nano-8gb").reserve
+
+
 @pytest.mark.parametrize("model, mem, expected", BOARDS[:1] + BOARDS[-1:])
 def test_jetson_without_cuda_refuses_instead_of_cpu(tmp_path, model, mem, expected):
     with pytest.raises(ProfileError) as err:
