@@ -36,6 +36,7 @@ from lorsu_edge.session import graceful_sigterm
 DEFAULT_OPSET = 18
 """The dynamo exporter's own opset (lower ones go through a version converter)."""
 OPSETS = range(17, 21)
+INTERRUPTED_HINT = "nothing was written; an earlier export at the same path is unchanged"
 CALIBRATION_IMAGES = 64
 """At most this many real images calibrate int8-qdq (more moved the cosine by < 0.001 on the default model)."""
 _RESERVED = {"format", "export_id", "lorsu_edge_version", "encoder_sha256", "projector_sha256", "precision",
@@ -130,8 +131,7 @@ def export_onnx(model: nn.Module, spec: EncoderSpec, processor: Any, out: Path, 
         if precision == "int8-qdq" else []
     tol = tolerance or proof.TOLERANCES[precision]
     stem = f"{out.stem}-{secrets.token_hex(4)}"  # external data names unique per export (see publish)
-    with graceful_sigterm(hint="nothing was written; an earlier export at the same path is unchanged"), \
-            _scratch(out) as scratch:
+    with graceful_sigterm(hint=INTERRUPTED_HINT), _scratch(out) as scratch:
         with trace.eval_mode(module):
             refs = {b: (x.feed, proof.torch_reference(model, spec, x.pixels, with_projector))
                     for b, x in batches.items()}
@@ -142,26 +142,18 @@ def export_onnx(model: nn.Module, spec: EncoderSpec, processor: Any, out: Path, 
                                    calibration)
         parity = proof.prove(staged, refs, precision, tol)
         sidecar = {
-            "format": publish.SIDECAR_FORMAT,
-            "export_id": uuid.uuid4().hex,
-            "lorsu_edge_version": lorsu_edge.__version__,
-            **extra,
-            **hashes,
-            "family": spec.family.name,
-            "role": spec.role,
-            "precision": precision,
-            "opset": opset,
-            "exporter": traced.exporter,
-            "exporter_fallback_reason": traced.fallback_reason,
+            "format": publish.SIDECAR_FORMAT, "export_id": uuid.uuid4().hex,
+            "lorsu_edge_version": lorsu_edge.__version__, **extra, **hashes,
+            "family": spec.family.name, "role": spec.role, "precision": precision, "opset": opset,
+            "exporter": traced.exporter, "exporter_fallback_reason": traced.fallback_reason,
             "external_data": trace.external_data_name(staged) if traced.external_data else None,
             "input": inputs.input_spec(spec, processor, fold_normalize),
             "output": _output_meta(model, spec, with_projector, refs),
             "parity": {"inputs": source, "tolerance": asdict(tol), "batches": [asdict(p) for p in parity]},
-            "calibration": {"images": sum(len(c) for c in calibration), "method": "minmax, symmetric int8"}
+            "calibration": {"images": sum(len(c) for c in calibration), "method": prec.QDQ_CALIBRATION}
             if calibration else None,
             "preprocessor_config": publish.PREPROCESSOR_FILE if pre_config is not None else None,
-            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "file": out.name,
+            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "file": out.name,
         }
         publish.write_metadata(staged, sidecar)
         # The metadata rewrite must not change the graph: prove the exact file that is published, once more.

@@ -39,6 +39,7 @@ INT8_OP_TYPES = ("MatMul", "Gemm")
 INT8_PER_CHANNEL = True
 MLP_OUT_INPUTS = ("Gelu", "FastGelu", "QuickGelu", "Mul")
 """Producers of the MLP's second layer's input: the GELU (fused, or decomposed: its last op is a Mul)."""
+QDQ_CALIBRATION = "percentile (99.999), symmetric int8"
 CALIBRATION_BATCH = 8
 """Images per calibration batch (onnxruntime collects activation ranges batch by batch)."""
 

@@ -16,8 +16,10 @@ from torch import nn
 from lorsu_edge.config import _help
 from lorsu_edge.errors import BadInputError, DataError
 from lorsu_edge.export.inputs import FOLDS, PARITY_BATCHES
-from lorsu_edge.export.pipeline import CALIBRATION_IMAGES, DEFAULT_OPSET, ExportResult, check_request, export_onnx
+from lorsu_edge.export.pipeline import (CALIBRATION_IMAGES, DEFAULT_OPSET, INTERRUPTED_HINT, ExportResult, check_request,
+                                        export_onnx)
 from lorsu_edge.families import find_encoder, locate_tower
+from lorsu_edge.session import graceful_sigterm
 from lorsu_edge.load import (Loaded, SessionRef, _vlm_tower_keys, apply_session, load_model, load_processor,
                              read_config, resolve_session, resolve_source, vlm_tower_tensors)
 
@@ -156,7 +158,8 @@ def export_request(req: ExportRequest) -> tuple[ExportResult, SessionRef]:
     """The `lorsu-edge export` recipe: resolve -> load (completeness checked) -> session encoder -> export."""
     res = resolve_session(req.workdir, req.session, req.base, req.model)
     out = check_request(req.out or default_out(req, res), req.precision, req.opset, req.fold_normalize)  # before the load
-    loaded = load_for_export(res)
+    with graceful_sigterm(hint=INTERRUPTED_HINT):  # while loading too: exit 130 like the rest of the export
+        loaded = load_for_export(res)
     meta = {"base_model": res.base_model, "session_id": res.session,
             "method": res.report.get("method", "none (base model)" if res.session is None else None),
             "parent_session": res.report.get("parent_session")}
