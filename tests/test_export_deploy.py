@@ -220,6 +220,21 @@ def test_dynamo_failure_falls_back_to_legacy_and_says_so(tmp_path, monkeypatch, 
     assert all(p.rel_max_abs <= TOLERANCES["fp32"].max_rel_abs for p in res.parity)
 
 
+def test_sigterm_while_tracing_is_not_taken_for_a_dynamo_failure(tmp_path, monkeypatch):
+    """The fallback catches the exporter's exceptions; the SIGTERM handler's InterruptedRunError must pass."""
+    from lorsu_edge.errors import InterruptedRunError
+
+    def interrupted(*args, **kwargs):
+        raise InterruptedRunError("stopped by SIGTERM")
+
+    monkeypatch.setattr(trace_mod, "_dynamo", interrupted)
+    monkeypatch.setattr(trace_mod, "_legacy", lambda *a, **k: pytest.fail("fell back to the legacy exporter"))
+    model = tiny_model("clip_vision")
+    with pytest.raises(InterruptedRunError):
+        export_onnx(model, find_encoder(model), _image_processor("clip_vision"), tmp_path / "e.onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
 # --- SIGTERM, orphans, and loading only what is exported ---------------------------------------------------
 
 

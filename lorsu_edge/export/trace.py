@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from lorsu_edge import consumer
-from lorsu_edge.errors import BadInputError
+from lorsu_edge.errors import BadInputError, LorsuError
 from lorsu_edge.export.inputs import INPUT_NAME, Normalization
 from lorsu_edge.families import EncoderSpec
 
@@ -143,6 +143,8 @@ def trace(module: nn.Module, example: torch.Tensor, opset: int, out_name: str, d
     try:
         _dynamo(module, example, opset, out_name, dest, external)
         return Traced(dest, "dynamo", external)
+    except LorsuError:  # SIGTERM (InterruptedRunError) or a storage error: not the exporter's failure
+        raise
     except Exception as e:  # torch.export raises many types (Unsupported, UserError, ConversionError, ...)
         reason = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
     log.warning("warning: the dynamo exporter failed on this model (%s); using the legacy TorchScript exporter, "
