@@ -322,6 +322,7 @@ def test_cli_int8_qdq_calibrates_on_session_and_control_images(tmp_path):
     assert r.exit_code == 0, r.output
     r = runner.invoke(app, ["export", "--workdir", str(wd), "--precision", "int8-qdq", "--json"])
     assert r.exit_code == 0, r.output
+    assert len(r.stdout.strip().splitlines()) == 1  # one JSON line: the quantizer's own prints are kept out
     side = json.loads(Path(json.loads(r.output.strip().splitlines()[-1])["sidecar"]).read_text())
     n_data = sum(1 for p in data.rglob("*.png"))
     n_control = sum(1 for p in control.rglob("*.png"))

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -89,10 +90,12 @@ def _fp16(src: Path, dst: Path, external: bool) -> None:
 
 @contextlib.contextmanager
 def _quiet_quantizer() -> Iterator[None]:
-    """onnxruntime's quantizer logs advice at WARNING ("consider pre-processing"): not for users."""
+    """onnxruntime's quantizer logs advice at WARNING ("consider pre-processing") and prints its histogram
+    settings to stdout (which would break `--json` output): not for users."""
     logging.disable(logging.WARNING)
     try:
-        yield
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
     finally:
         logging.disable(logging.NOTSET)
 
