@@ -307,6 +307,20 @@ def test_vlm_export_never_loads_the_language_model(tmp_path, monkeypatch):
     assert res.metadata["output"]["name"] == "projected_features"
 
 
+def test_cli_choices_and_defaults_match_the_library():
+    """The verb writes its choices and defaults out (fast --help, no torch import): they must not drift."""
+    import inspect
+    from typing import get_args
+
+    from lorsu_edge.cli import choices
+    from lorsu_edge.cli import export as verb
+    from lorsu_edge.export import DEFAULT_OPSET, PRECISIONS
+    from lorsu_edge.export.inputs import FOLDS
+
+    assert get_args(choices.ExportPrecision) == PRECISIONS and get_args(choices.Fold) == FOLDS
+    assert inspect.signature(verb.command).parameters["opset"].default == DEFAULT_OPSET
+
+
 def test_cli_int8_qdq_calibrates_on_session_and_control_images(tmp_path):
     from typer.testing import CliRunner
 
