@@ -1,0 +1,71 @@
+"""Head layout per family: the rows the injection gives to head h are the rows attention reads as head h.
+
+Tiny towers with 3 heads of 8 dims (hidden 24): head_dim != heads, so a heads/head_dim swap, a row/column
+swap or a wrong part stride in a fused qkv puts the LoRA update on rows of other heads, and their slice of
+the attention output (the input of the out projection) changes.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lorsu_edge import tiny
+from lorsu_edge.config import MethodConfig
+from lorsu_edge.families import find_encoder
+from lorsu_edge.inject import adapter_modules, inject, lora_targets
+
+HEADS, HEAD_DIM = 3, 8
+# The attention output projection inside a block (4.57 names first, then 5.x-style ones).
+OUT_PROJ = ("self_attn.out_proj", "self_attn.projection", "attention.output.dense", "attention.o_proj",
+            "self_attn.o_proj")
+
+
+@pytest.fixture
+def non_square_tiny(monkeypatch):
+    """tiny.tiny_model, with vision towers of 3 heads x 8 dims instead of the usual 4 x 8."""
+    monkeypatch.setattr(tiny, "_V", dict(tiny._V, hidden_size=HEADS * HEAD_DIM, intermediate_size=40,
+                                         num_hidden_layers=2, num_attention_heads=HEADS))
+    return tiny.tiny_model
+
+
+def _out_proj(model, block_path: str) -> torch.nn.Module:
+    block = model.get_submodule(block_path)
+    for path in OUT_PROJ:
+        try:
+            return block.get_submodule(path)
+        except AttributeError:
+            continue
+    raise AssertionError(f"no attention output projection in {type(block).__name__}; tried {OUT_PROJ}")
+
+
+def _attention_output(model, spec, pixels: torch.Tensor) -> torch.Tensor:
+    """Block 0's per-head attention output (B, T, hidden): what its out projection receives."""
+    seen = []
+    hook = _out_proj(model, spec.blocks[0].path).register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+    try:
+        with torch.no_grad():
+            spec.tower(pixel_values=pixels)
+    finally:
+        hook.remove()
+    return seen[0]
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip", "dinov2", "vit", "blip_vision", "llava"])
+@pytest.mark.parametrize("head", [1, 2])  # head 0 would hide a heads/head_dim swap
+def test_lora_on_one_head_changes_only_that_heads_attention_output(kind, head, non_square_tiny):
+    model = non_square_tiny(kind)
+    spec = find_encoder(model)
+    assert (spec.num_heads, spec.head_dim) == (HEADS, HEAD_DIM)
+    pixels = torch.randn(2, 3, tiny.IMAGE_SIZE, tiny.IMAGE_SIZE, generator=torch.Generator().manual_seed(0))
+    before = _attention_output(model, spec, pixels)
+    cfg = MethodConfig(rank=2, alpha=2)
+    inject(model, lora_targets(spec, spec.blocks[0], [head]), cfg)
+    with torch.no_grad():  # B = 0 at init: give the update a value, on q, k and v of this head alike
+        for m in adapter_modules(model).values():
+            m.lora_B.normal_(generator=torch.Generator().manual_seed(1))
+    after = _attention_output(model, spec, pixels)
+    per_head = (after - before).abs().unflatten(-1, (HEADS, HEAD_DIM)).amax(dim=(0, 1, 3))
+    others = [h for h in range(HEADS) if h != head]
+    assert per_head[head] > 1e-3, f"{kind}: the chosen head's output did not change"
+    assert per_head[others].max() < 1e-6, f"{kind}: LoRA on head {head} changed heads {others}: {per_head}"
