@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 from lorsu_edge import tiny
 from lorsu_edge.config import MethodConfig
@@ -16,9 +17,6 @@ from lorsu_edge.families import find_encoder
 from lorsu_edge.inject import adapter_modules, inject, lora_targets
 
 HEADS, HEAD_DIM = 3, 8
-# The attention output projection inside a block (4.57 names first, then 5.x-style ones).
-OUT_PROJ = ("self_attn.out_proj", "self_attn.projection", "attention.output.dense", "attention.o_proj",
-            "self_attn.o_proj")
 
 
 @pytest.fixture
@@ -29,20 +27,22 @@ def non_square_tiny(monkeypatch):
     return tiny.tiny_model
 
 
-def _out_proj(model, block_path: str) -> torch.nn.Module:
-    block = model.get_submodule(block_path)
-    for path in OUT_PROJ:
-        try:
-            return block.get_submodule(path)
-        except AttributeError:
-            continue
-    raise AssertionError(f"no attention output projection in {type(block).__name__}; tried {OUT_PROJ}")
+def _out_proj(model, spec) -> nn.Module:
+    """Block 0's attention output projection: its one Linear under an attention module that is not q/k/v
+    (out_proj, projection, output.dense, o_proj: named differently per family and transformers version)."""
+    block = spec.blocks[0]
+    qkv = {path.removeprefix(block.path + ".") for path in block.attn.values()}
+    found = [m for name, m in model.get_submodule(block.path).named_modules()
+             if isinstance(m, nn.Linear) and ("attn" in name or "attention" in name)
+             and not any(name == p or name.startswith(p + ".") for p in qkv)]  # nor their injected wrappers
+    assert len(found) == 1, f"expected one attention output projection in {block.path}, found {len(found)}"
+    return found[0]
 
 
 def _attention_output(model, spec, pixels: torch.Tensor) -> torch.Tensor:
     """Block 0's per-head attention output (B, T, hidden): what its out projection receives."""
     seen = []
-    hook = _out_proj(model, spec.blocks[0].path).register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+    hook = _out_proj(model, spec).register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
     try:
         with torch.no_grad():
             spec.tower(pixel_values=pixels)
