@@ -2,7 +2,8 @@
 
 Tiny towers with 3 heads of 8 dims (hidden 24): head_dim != heads, so a heads/head_dim swap, a row/column
 swap or a wrong part stride in a fused qkv puts the LoRA update on rows of other heads, and their slice of
-the attention output (the input of the out projection) changes.
+the attention output (the input of the out projection) changes. The scoring side is checked the same way:
+a gradient on one head's rows must select that head.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from torch import nn
 from lorsu_edge import tiny
 from lorsu_edge.config import MethodConfig
 from lorsu_edge.families import find_encoder
-from lorsu_edge.inject import adapter_modules, inject, lora_targets
+from lorsu_edge.inject import adapter_modules, inject, lora_targets, select_targets
 
 HEADS, HEAD_DIM = 3, 8
 
@@ -69,3 +70,21 @@ def test_lora_on_one_head_changes_only_that_heads_attention_output(kind, head, n
     others = [h for h in range(HEADS) if h != head]
     assert per_head[head] > 1e-3, f"{kind}: the chosen head's output did not change"
     assert per_head[others].max() < 1e-6, f"{kind}: LoRA on head {head} changed heads {others}: {per_head}"
+
+
+@pytest.mark.parametrize("kind", ["clip", "dinov2", "blip_vision", "llava"])
+@pytest.mark.parametrize("head", [1, 2])
+def test_importance_on_one_heads_v_rows_selects_that_head(kind, head, non_square_tiny):
+    """Scoring reads rows the way attention does: a gradient only on head h's v rows (the third part of a
+    fused qkv, laid out (3, heads, head_dim)) must select head h, in every block."""
+    model = non_square_tiny(kind)
+    spec = find_encoder(model)
+    grads = {}
+    for block in spec.candidate_blocks:
+        for path in [block.fc1, *block.attn.values()]:
+            grads[path] = torch.zeros_like(model.get_submodule(path).weight)
+        v_path, offset = (block.attn["qkv"], 2 * spec.hidden_size) if "qkv" in block.attn else (block.attn["v"], 0)
+        grads[v_path][offset + head * HEAD_DIM: offset + (head + 1) * HEAD_DIM] = 1.0
+    targets = select_targets(spec, MethodConfig(top_k_heads=1, rank=2, alpha=2), grads)
+    lora = [t for t in targets if t.kind == "lora"]
+    assert lora and all(t.heads == [head] for t in lora)
