@@ -170,3 +170,14 @@ def test_head_lora_linear_touches_only_the_chosen_rows():
         for start in (3, 9):
             expected[part * 12 + start: part * 12 + start + 3] = True
     assert changed.tolist() == expected.tolist()
+
+
+def test_wrappers_keep_every_tensor_on_the_base_layers_device():
+    """Injection happens after the model is on its device: a trainable created on the default (CPU) device
+    next to a CUDA base fails at the first forward on a GPU. The meta device shows it without one."""
+    base = nn.Linear(10, 24, device="meta")
+    sparse = SparseDeltaLinear(base, torch.tensor([0, 7, 100]))
+    lora = HeadLoRALinear(nn.Linear(10, 12, device="meta"), head_rows(torch.tensor([1]), 4), rank=2, alpha=2)
+    for layer in (sparse, lora):
+        tensors = dict(layer.named_parameters(recurse=False)) | dict(layer.named_buffers(recurse=False))
+        assert {n: t.device.type for n, t in tensors.items()} == dict.fromkeys(tensors, "meta")
