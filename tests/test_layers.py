@@ -37,7 +37,7 @@ def _sparse_layer(out_f: int, in_f: int, fraction: float, bias: bool, seed: int 
     return layer
 
 
-def _sparse_reference(layer: SparseDeltaLinear, x, delta, bias_delta):
+def _sparse_reference(layer: SparseDeltaLinear, x, delta, bias_delta=None):
     """The textbook layer: scatter the deltas into a dense zero matrix and add it to W."""
     w = layer.base.weight
     dense = torch.zeros(w.numel(), dtype=DT).index_put((layer.indices,), delta).view_as(w)
@@ -51,8 +51,8 @@ def _trainables(layer: nn.Module) -> dict[str, torch.Tensor]:
 
 def _check_against_reference(layer: nn.Module, reference, x: torch.Tensor) -> None:
     """Output and gradients (x and every trainable) of `layer` equal those of `reference(layer, x, **params)`."""
-    names = list(_trainables(layer))
     params = _trainables(layer)
+    names = list(params)
     x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
     ref_params = {n: p.detach().clone().requires_grad_(True) for n, p in params.items()}
     y = functional_call(layer, params, (x1,))
@@ -75,7 +75,7 @@ def _gradcheck(layer: nn.Module, x: torch.Tensor) -> None:
     assert torch.autograd.gradcheck(f, (x.clone().requires_grad_(True), *params.values()))
 
 
-# fc1 is rectangular (intermediate x hidden); the square case is where a transposed gradient still runs.
+# fc1 is rectangular (intermediate x hidden); square cases too, where a transposed gradient keeps its shape.
 SPARSE_CASES = [(24, 10, 0.1, True), (24, 10, 0.5, False), (24, 10, 1.0, True), (12, 12, 0.3, True),
                 (12, 12, 0.05, False)]
 
@@ -87,12 +87,8 @@ def test_sparse_delta_linear_matches_dense_reference(out_f, in_f, fraction, bias
     Several densities are used so that a dense path and a sampled path (if the layer picks one by density)
     are both exercised."""
     layer = _sparse_layer(out_f, in_f, fraction, bias)
-
-    def reference(layer, x, delta, bias_delta=None):
-        return _sparse_reference(layer, x, delta, bias_delta)
-
     x = torch.randn(3, 5, in_f, generator=_gen(3), dtype=DT)  # (batch, tokens, features), as in a block
-    _check_against_reference(layer, reference, x)
+    _check_against_reference(layer, _sparse_reference, x)
 
 
 @pytest.mark.parametrize("out_f,in_f,fraction,bias", SPARSE_CASES[:2] + SPARSE_CASES[3:4])
