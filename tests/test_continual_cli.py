@@ -12,49 +12,20 @@ from typer.testing import CliRunner
 from lorsu_edge.adapter import load_adapter
 from lorsu_edge.cli.main import app
 from lorsu_edge.families import find_encoder
-from lorsu_edge.losses import contrastive_loss
 from lorsu_edge.merge import encoder_state_dict, unload
 from lorsu_edge.replay import REPLAY_DIR, read_buffer
-from lorsu_edge.samples import load_image, read_samples
-from lorsu_edge.tiny import save_tiny, write_toy_images
+from lorsu_edge.tiny import save_knowing_clip, save_tiny, write_toy_images
 
 runner = CliRunner()
 FAST = ["--rank", "4", "--alpha", "8", "--batch-size", "4", "--no-progress", "--json"]
 COLORS = ("red", "blue", "green", "yellow")
 
 
-def _knowing_clip(root):
-    """A tiny CLIP that knows four colours (100% zero-shot on red/blue): forgetting needs something to forget.
-
-    The tiny CLIP's text config names an end token its byte tokenizer lacks, so every caption pools the same
-    position; pointing it at the tokenizer's own end token makes captions differ, then 60 steps align it."""
-    from transformers import CLIPModel, CLIPProcessor
-
-    path = save_tiny("clip", root / "model")
-    proc = CLIPProcessor.from_pretrained(path)
-    model = CLIPModel.from_pretrained(path)
-    model.config.text_config.eos_token_id = proc.tokenizer.eos_token_id
-    model = CLIPModel.from_pretrained(path, config=model.config)
-    data = read_samples(write_toy_images(root / "pretrain", labels=COLORS, per_class=8, seed=7)).samples
-    pixels = proc.image_processor([load_image(s.path) for s in data], return_tensors="pt")["pixel_values"]
-    tokens = proc.tokenizer([f"a photo of a {s.label}." for s in data], padding=True, return_tensors="pt")
-    groups = torch.tensor([COLORS.index(s.label) for s in data])
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    for _ in range(40):
-        loss = contrastive_loss(model.get_image_features(pixel_values=pixels), model.get_text_features(**tokens),
-                                model.logit_scale.exp(), groups)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-    model.eval().save_pretrained(path)
-    return path
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("continual")
     return {
-        "root": root, "model": _knowing_clip(root),
+        "root": root, "model": save_knowing_clip(root / "model", COLORS),
         "control": write_toy_images(root / "control", labels=("red", "blue"), per_class=6, seed=9),
         # new names for the control's colours: learning them hard overwrites what red and blue look like
         "night": write_toy_images(root / "night", labels=("crimson", "navy"), per_class=4, seed=3),
@@ -155,3 +126,27 @@ def test_anchors_are_remembered_and_must_not_overlap_the_control(world, tmp_path
                             str(world["model"]), "--control", str(world["control"]), "--anchor",
                             str(world["control"]), *FAST])
     assert r.exit_code == 3 and "shares images with the control set" in r.output
+
+
+def test_perplexity_path_with_anchor_replay_and_the_scale_guard(tmp_path):
+    """--loss ppl: anchors distil the features the projector reads, replay and the guard run, and only fc1's
+    bias trains (the research code's perplexity variant), unless --qkv-bias says otherwise."""
+    llava = save_tiny("llava", tmp_path / "llava")
+    anchors = write_toy_images(tmp_path / "anchors", labels=("green",), per_class=3, seed=8)
+    control = write_toy_images(tmp_path / "control", per_class=2, seed=9, vqa=True)
+    wd = tmp_path / "runs"
+    for i, extra in enumerate([["--anchor", str(anchors), "--max-forgetting", "100"], ["--qkv-bias"]]):
+        data = write_toy_images(tmp_path / f"n{i}", per_class=2, seed=i, vqa=True)
+        r = runner.invoke(app, ["adapt", "--data", str(data), "--workdir", str(wd), "--model", str(llava),
+                                "--control", str(control), "--replay", "2", "--epochs", "2", "--lr", "1e-3",
+                                "--quantize", "none", *extra, *FAST])
+        assert r.exit_code in (0, 6), r.output
+        assert "Traceback" not in r.output
+    first, second = _report(wd, "0001"), _report(wd, "0002")
+    assert first["anchors"] == 3 and first["guard"] == "accepted" and second["anchors"] == 3
+    assert first["known_classes"] == 0  # the class-aware term is for the contrastive loss
+    biases = [{m["kind"]: m["bias"] for m in json.loads((wd / "sessions" / s / "adapter.json").read_text())
+               ["modules"].values() if m["kind"] == "lora"} for s in ("0001", "0002")]
+    assert biases == [{"lora": False}, {"lora": True}]
+    assert first["method_config"]["qkv_bias"] is False and second["method_config"]["qkv_bias"] is True
+    assert second["replayed"] == 2 and second["guard"] in ("accepted", "scaled", "rejected")

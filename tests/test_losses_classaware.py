@@ -8,7 +8,7 @@ import torch
 from lorsu_edge.losses import ContrastiveObjective, class_aware_loss, contrastive_loss
 from lorsu_edge.load import load_model
 from lorsu_edge.samples import read_samples
-from lorsu_edge.tiny import save_tiny, write_toy_images
+from lorsu_edge.tiny import save_knowing_clip, write_toy_images
 
 
 def _reference(img, protos, scale, ids):
@@ -34,7 +34,7 @@ def test_class_aware_loss_equals_the_reference_formula():
 @pytest.fixture(scope="module")
 def clip(tmp_path_factory):
     root = tmp_path_factory.mktemp("clip")
-    loaded = load_model(str(save_tiny("clip", root / "model")), device="cpu")
+    loaded = load_model(str(save_knowing_clip(root / "model", steps=0)), device="cpu")  # captions that differ
     data = read_samples(write_toy_images(root / "data", labels=("red", "blue"), per_class=2))
     return loaded, data
 

@@ -57,6 +57,9 @@ def test_buffer_is_written_small_hashed_deduplicated_and_linked(tmp_path):
     assert len(second) == 8 and len({e.sha256 for e in second}) == 8  # the 2 repeats are not stored again
     # 3 red + 3 blue + 4 green over 8: the oldest green, then (a 3-3-3 tie broken by name) the oldest red go
     assert Counter(e.label for e in second) == {"red": 2, "blue": 3, "green": 3}
+    s3 = _session_dir(tmp_path, "0003")
+    roomy = write_buffer(s3, "0003", first, s1, [*data.samples[:2], *more.samples], capacity=100, processor=proc)
+    assert len(roomy) == 10 and [e.sha256 for e in roomy[:6]] == [e.sha256 for e in first]  # repeats: once
     kept_old = next(e for e in second if e.session == "0001")
     assert (s2 / REPLAY_DIR / kept_old.file).stat().st_ino == (s1 / REPLAY_DIR / kept_old.file).stat().st_ino
     assert {p.name for p in (s2 / REPLAY_DIR).iterdir()} == {e.file for e in second} | {MANIFEST}
