@@ -64,6 +64,8 @@ def test_a_real_forgetting_case_is_caught_and_kept_scaled(scaled):
     assert report["alpha"] == best and report["control_accuracy"] >= report["control_accuracy_before"] - 0.01
     assert json.loads((wd / "sessions" / "0001" / "adapter.json").read_text())["alpha"] == report["alpha"]
     assert json.loads((wd / "current.json").read_text())["session"] == "0001"
+    shown = runner.invoke(app, ["history", "--workdir", str(wd)])
+    assert f"scaled: alpha {report['alpha']:g}" in shown.output
 
 
 def test_the_saved_adapter_eval_and_export_reproduce_the_scaled_encoder(world, scaled):
