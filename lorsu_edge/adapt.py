@@ -130,9 +130,13 @@ def plan_run(base: str, opts: AdaptOptions, loss: str, role: str, precision: str
     text_model = resolve_source(opts.text_model) if opts.text_model else None
     plan = make_plan(resolve_source(base), method_cfg=opts.method, loss=loss, batch_size=opts.train.batch_size,
                      budget_bytes=opts.budget, profile=opts.profile, dtype=precision, quantize=quantize,
-                     text_model=text_model)
+                     text_model=text_model, anchors=opts.continual.anchor_samples if anchor_used(opts) else 0)
     check_fits(plan)
     return plan
+
+
+def anchor_used(opts: AdaptOptions) -> bool:
+    return opts.anchor is not None and opts.continual.anchor_weight > 0
 
 
 def apply_plan(opts: AdaptOptions, plan) -> AdaptOptions:
@@ -402,15 +406,14 @@ def base_control_score(wd: Workdir, loaded: Loaded, eval_sets: dict[str, SampleS
 
 def night_inputs(opts: AdaptOptions, wd: Workdir, sample_set: SampleSet, replayed: list[Sample],
                  eval_sets: dict[str, SampleSet], loss: str) -> NightInputs:
-    """The class-aware term's labels (contrastive loss only) and the anchor images (remembered --anchor)."""
+    """The class-aware term's labels (contrastive loss only) and the anchor images (--anchor, resolved)."""
     control = eval_sets.get("control")
     classes = {}
     if loss == "clip" and opts.continual.class_weight > 0:
         templates = tuple(opts.templates) or sample_set.templates
         classes = known_classes(wd, sample_set, replayed, control, templates)
-    anchor_dir = remembered_anchor(wd, opts.anchor)
-    anchors = []
-    if anchor_dir is not None and opts.continual.anchor_weight > 0:
+    anchors, anchor_dir = [], opts.anchor
+    if anchor_used(opts):
         anchors = read_anchor_images(anchor_dir, opts.continual.anchor_samples)
         judged = {s.sha256 for s in control.samples} if control else set()
         if any(s.sha256 in judged for s in anchors):
@@ -473,6 +476,7 @@ def _adapt_locked(opts: AdaptOptions, wd: Workdir, start: float) -> AdaptResult:
             msg = f"{len(fresh)} new samples in {opts.data} (need {opts.min_new_samples}): nothing to do"
             return AdaptResult("nothing-new", wd.current(), {"new_samples": len(fresh)}, msg)
         eval_sets = load_eval_sets(opts, wd)
+        opts = replace(opts, anchor=remembered_anchor(wd, opts.anchor))
         device = pick_device(opts.device)
         precision = resolve_precision(opts.train.precision, device)  # refuse bad combinations before loading
         role = config_role(read_config(resolve_source(base)))
