@@ -154,7 +154,7 @@ def real_data(opts: DemoOptions, root: Path) -> DemoData:
     textile = load_textile(per_class=sum(sizes), seed=opts.seed)
     *session_items, eval_items = split_per_class(textile, sizes)
     build = DualBuildOptions()
-    _, control_idx = animal_mnist_split(build.seed, build.align_per_class, build.control_per_class)
+    align_idx, control_idx = animal_mnist_split(build.seed, build.align_per_class, build.control_per_class)
     control = split_per_class(load_animal_mnist(control_idx), [opts.control_per_class])[0]
     anchors = load_animal_mnist(anchor_indices(align_idx + control_idx, ANCHOR_IMAGES, opts.seed))
     return DemoData([_write(items, root / f"session-{i + 1}", TARGET_TEMPLATES) for i, items in enumerate(session_items)],
