@@ -156,8 +156,9 @@ def continual_main(argv: list[str]) -> int:
     p.add_argument("--eval-per-class", type=int, default=15)
     p.add_argument("--control-per-class", type=int, default=20, help="animals per class in the control set")
     p.add_argument("--smoke", action="store_true", help="tiny CLIP that knows colours + toy images")
-    p.add_argument("--out", type=Path, default=RESULTS / "continual.json")
+    p.add_argument("--out", type=Path, default=None, help="default: results/continual.json (_smoke with --smoke)")
     args = p.parse_args(argv)
+    args.out = args.out or RESULTS / ("continual_smoke.json" if args.smoke else "continual.json")
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
