@@ -28,6 +28,8 @@ from lorsu_edge.adapter import save_adapter
 from lorsu_edge.anchor import anchored, read_anchor_images
 from lorsu_edge.config import ContinualConfig, MethodConfig
 from lorsu_edge.continual import known_classes, night_seed, remembered_anchor, replay_samples
+from lorsu_edge.distributed import (is_main, main_computes, open_workdir, rank_slice, rank_starts, setup,
+                                     world_size)
 from lorsu_edge.errors import BadInputError, ExitCode, LorsuError
 from lorsu_edge.forgetting import UpdateScaler, Verdict, bounded_merge, dense_start
 from lorsu_edge.inject import freeze, inject, select_targets
@@ -41,6 +43,7 @@ from lorsu_edge.plan import apply_checkpointing
 from lorsu_edge.score import candidate_paths, compute_importance
 from lorsu_edge.replay import write_buffer
 from lorsu_edge.session import ENCODER_FILE, REPORT_FILE, SAMPLES_FILE, Workdir, graceful_sigterm
+from lorsu_edge.track import record_night
 from lorsu_edge.train import TrainConfig, autocast_factory, resolve_precision, train
 
 log = logging.getLogger(__name__)
@@ -72,6 +75,7 @@ class AdaptOptions:
     show_progress: bool = True
     anchor: Path | None = None  # unlabeled images whose features the session must keep (None: the workdir's)
     continual: ContinualConfig = field(default_factory=ContinualConfig)
+    track: str | None = None  # MLflow tracking URI or "off" (None: the workdir's, see lorsu_edge/track.py)
 
 
 @dataclass
@@ -89,8 +93,8 @@ def fault_point(phase: str) -> None:
 
 
 def pick_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "auto":  # under torchrun: this rank's device
+        return setup() or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
 
 
@@ -130,7 +134,8 @@ def plan_run(base: str, opts: AdaptOptions, loss: str, role: str, precision: str
     text_model = resolve_source(opts.text_model) if opts.text_model else None
     plan = make_plan(resolve_source(base), method_cfg=opts.method, loss=loss, batch_size=opts.train.batch_size,
                      budget_bytes=opts.budget, profile=opts.profile, dtype=precision, quantize=quantize,
-                     text_model=text_model, anchors=opts.continual.anchor_samples if anchor_used(opts) else 0)
+                     text_model=text_model, processes=world_size(),  # data-parallel: per process
+                     anchors=opts.continual.anchor_samples if anchor_used(opts) else 0)
     check_fits(plan)
     return plan
 
@@ -146,7 +151,7 @@ def apply_plan(opts: AdaptOptions, plan) -> AdaptOptions:
 
 def plan_fields(plan) -> dict[str, Any]:
     return {"predicted_peak_bytes": plan.predicted_peak_bytes, "budget_bytes": plan.budget_bytes,
-            "plan": {"profile": plan.profile, "micro_batch": plan.micro_batch, "grad_accum": plan.grad_accum,
+            "plan": {"profile": plan.profile, "processes": plan.processes, "micro_batch": plan.micro_batch, "grad_accum": plan.grad_accum,
                      "checkpointing": plan.checkpointing, "quantize": plan.quantize,
                      "importance_block_groups": plan.importance_block_groups, "peak_phase": plan.peak_phase}}
 
@@ -156,7 +161,7 @@ def new_samples(samples: SampleSet, seen: set[str]) -> list[Sample]:
 
 
 def micro_batches(objective, samples: list[Sample], size: int) -> Iterator[tuple[Batch, int]]:
-    for i in range(0, len(samples), size):
+    for i in rank_starts(len(samples), size):  # data-parallel: this rank's chunks only
         batch = objective.make_batch(samples[i:i + size])
         yield batch, batch.size
 
@@ -173,7 +178,7 @@ def training_steps(objective, samples: list[Sample], cfg: TrainConfig) -> Iterat
     for _ in range(cfg.epochs):
         order = torch.randperm(len(samples), generator=gen).tolist()
         for i in range(0, len(order), cfg.batch_size):
-            chunk = [samples[j] for j in order[i:i + cfg.batch_size]]
+            chunk = rank_slice([samples[j] for j in order[i:i + cfg.batch_size]])
             yield [objective.make_batch(chunk[k:k + micro]) for k in range(0, len(chunk), micro)]
 
 
@@ -333,6 +338,7 @@ def known_scores(wd: Workdir, current: str | None) -> dict[str, tuple[str, float
             if f"{name}_set_sha256" in report and f"{name}_accuracy" in report}
 
 
+@main_computes  # data-parallel: rank 0 scores, the others receive its scores
 def score_sets(loaded: Loaded, sets: dict[str, SampleSet], device: torch.device, precision: str,
                known: dict[str, tuple[str, float]] | None = None) -> dict[str, float]:
     """Accuracy per set; a set the current model was already scored on (same fingerprint) is not re-run."""
@@ -443,7 +449,10 @@ def adapt(opts: AdaptOptions) -> AdaptResult:
 
     Every run, failed ones included, leaves one JSON line in the workdir's runs.jsonl for monitoring.
     """
-    wd = Workdir.open(opts.workdir, create=True)
+    setup()
+    wd = open_workdir(opts.workdir)  # data-parallel: ranks > 0 get a view that never writes
+    if not is_main():
+        opts = replace(opts, save_full=None, show_progress=False)
     start = time.perf_counter()
     if not opts.show_progress:  # nightly logs: no loading bars from transformers either
         from transformers.utils import logging as hf_logging
@@ -452,18 +461,24 @@ def adapt(opts: AdaptOptions) -> AdaptResult:
     try:
         result = _adapt_locked(opts, wd, start)
     except LorsuError as e:
-        wd.log_run({"verb": "adapt", "status": "failed", "data": str(opts.data), "error": e.message,
-                    "exit_code": int(e.exit_code), "seconds": round(time.perf_counter() - start, 3)})
+        failed = {"verb": "adapt", "status": "failed", "data": str(opts.data), "error": e.message,
+                  "exit_code": int(e.exit_code), "seconds": round(time.perf_counter() - start, 3)}
+        wd.log_run(failed)
+        record_night(wd, opts.track, failed)
         raise
     except Exception as e:
-        wd.log_run({"verb": "adapt", "status": "failed", "data": str(opts.data), "error": f"{type(e).__name__}: {e}",
-                    "exit_code": int(ExitCode.INTERNAL), "seconds": round(time.perf_counter() - start, 3)})
+        failed = {"verb": "adapt", "status": "failed", "data": str(opts.data), "error": f"{type(e).__name__}: {e}",
+                  "exit_code": int(ExitCode.INTERNAL), "seconds": round(time.perf_counter() - start, 3)}
+        wd.log_run(failed)
+        record_night(wd, opts.track, failed)
         raise
     code = ExitCode.REJECTED if result.status == "rejected" else ExitCode.OK
-    wd.log_run({"verb": "adapt", "status": result.status, "session": result.session, "data": str(opts.data),
-                "new_samples": result.report.get("samples_used", result.report.get("new_samples")),
-                "reason": result.report.get("reason"), "exit_code": int(code),
-                "seconds": round(time.perf_counter() - start, 3)})
+    night = {"verb": "adapt", "status": result.status, "session": result.session, "data": str(opts.data),
+             "new_samples": result.report.get("samples_used", result.report.get("new_samples")),
+             "reason": result.report.get("reason"), "exit_code": int(code),
+             "seconds": round(time.perf_counter() - start, 3)}
+    wd.log_run(night)
+    record_night(wd, opts.track, night)  # after the commit: queued, sent when the store answers
     return result
 
 

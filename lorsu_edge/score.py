@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lorsu_edge.distributed import sum_over_ranks
 from lorsu_edge.families import EncoderSpec
 
 
@@ -75,6 +76,7 @@ def compute_importance(
             p.requires_grad_(flag)
             p.grad = None
         model.train(was_training)
+    seen = sum_over_ranks(acc, seen)  # data-parallel: every rank then selects the same entries and heads
     if seen == 0:
         raise ValueError("no samples to score importance on")
     return {path: a.div_(seen) for path, a in acc.items()}, seen

@@ -14,6 +14,7 @@ from functools import partial
 import torch
 from torch import nn
 
+from lorsu_edge.distributed import same_start, sync_step
 from lorsu_edge.errors import BadInputError, TrainingError
 
 
@@ -109,6 +110,7 @@ def train(model: nn.Module, steps: Callable[[], Iterator[list]], n_steps: int,
         raise TrainingError("nothing to train: no parameter requires grad", hint="check the method settings")
     if any(p.dtype != torch.float32 for p in params):
         raise TrainingError("trainable tensors must be fp32", hint="this is a bug in the injection step")
+    same_start(params)  # data-parallel: every rank starts from rank 0's trainables
     precision = resolve_precision(cfg.precision, device)
     autocast = autocast_factory(precision, device)
     # fp16 gradients underflow without loss scaling; bf16 has fp32's exponent range and needs none.
@@ -128,6 +130,7 @@ def train(model: nn.Module, steps: Callable[[], Iterator[list]], n_steps: int,
                                     hint="lower --lr, or try --precision fp32; no session was written")
             scaler.scale(loss * (batch.size / total)).backward()
             step_loss += loss.item() * batch.size / total
+        step_loss = sync_step(params, step_loss, total)  # data-parallel: the whole batch's gradient and loss
         if cfg.max_grad_norm > 0:
             scaler.unscale_(opt)
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)

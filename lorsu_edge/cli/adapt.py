@@ -11,8 +11,10 @@ import typer
 from lorsu_edge.cli.errors import handle_errors
 from lorsu_edge.config import ContinualConfig, MethodConfig, field_help
 from lorsu_edge.budget import SIZE_HELP, parse_size
+from lorsu_edge.distributed import is_main, shutdown
 from lorsu_edge.errors import BadInputError, ExitCode
 from lorsu_edge.samples import check_templates
+from lorsu_edge.track import check_track
 from lorsu_edge.train import TrainConfig
 
 
@@ -87,6 +89,9 @@ def command(
                                                         "(loads with the family's from_pretrained)")] = None,
     json_line: Annotated[bool, typer.Option("--json", help="print the result as one JSON line")] = False,
     progress: Annotated[bool, typer.Option(help="show progress bars")] = True,
+    track: Annotated[str | None, typer.Option(help="MLflow tracking URI for this box's nights, or `off` (remembered; "
+                                                   "default: $LORSU_EDGE_TRACK, $MLFLOW_TRACKING_URI, else a local "
+                                                   "store in the workdir when lorsu-edge[fleet] is installed)")] = None,
 ) -> None:
     """Adapt the image encoder to the new samples in --data (LoRSU by default) and record a session."""
     from lorsu_edge.adapt import AdaptOptions, adapt
@@ -103,11 +108,16 @@ def command(
             max_total_forgetting=max_total_forgetting, save_full=save_full, show_progress=progress,
             anchor=anchor, continual=ContinualConfig(class_weight, anchor_weight, anchor_samples, replay,
                                                      replay_capacity, on_forgetting),
+            track=check_track(track),
         )
     except ValueError as e:
         raise BadInputError(str(e), hint="see lorsu-edge adapt --help") from None
-    result = adapt(opts)
-    _print(result, json_line)
+    try:
+        result = adapt(opts)
+    finally:
+        shutdown()  # data-parallel: leave the process group, or the process aborts at exit
+    if is_main():
+        _print(result, json_line)
     if result.status == "rejected":
         raise typer.Exit(int(ExitCode.REJECTED))
 

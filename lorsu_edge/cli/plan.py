@@ -40,6 +40,8 @@ def command(
                                                "bitsandbytes works, else none) | none | 8bit | 4bit")] = "auto",
     dtype: Annotated[str, typer.Option("--dtype", "--precision", help="compute dtype: auto (the profile's first) "
                                                                       "| bf16 | fp16 | fp32")] = "auto",
+    processes: Annotated[int, typer.Option(help="data-parallel processes (torchrun --nproc_per_node): plan one "
+                                                "process's share of each batch")] = 1,
     as_json: Annotated[bool, typer.Option("--json", help="print the plan as JSON (bytes) instead of a table")] = False,
 ) -> None:
     """Plan a run: per-phase, per-component memory, and the micro-batch, checkpointing, quantization and
@@ -62,7 +64,8 @@ def command(
     loss = loss or ("ppl" if role == "vlm" else "clip")
     quantize = resolve_quantize(quantize, role, loss, bitsandbytes_works=prof.bnb_4bit)
     plan = make_plan(source, method_cfg=method_cfg, loss=loss, batch_size=batch_size,
-                     budget_bytes=budget_bytes, profile=prof, dtype=dtype, quantize=quantize, text_model=text_model)
+                     budget_bytes=budget_bytes, profile=prof, dtype=dtype, quantize=quantize, text_model=text_model,
+                     processes=processes)
     typer.echo(json.dumps(plan.to_dict(), default=str) if as_json else format_plan(plan))
     check_fits(plan)
 

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from lorsu_edge.cli.errors import handle_errors
+from lorsu_edge.track import record_rollback
 
 
 def _name(sid: str | None) -> str:
@@ -31,6 +32,8 @@ def command(
         previous = wd.rollback(target)
         current = wd.current()
         wd.log_run({"verb": "rollback", "from": previous, "to": current, "exit_code": 0})
+    if previous != current:
+        record_rollback(wd, None, current)  # the device's `current` alias in the tracking store follows
     if previous == current:
         typer.echo(f"{_name(current)} is already the current model")
     else:

@@ -24,9 +24,13 @@ DTYPE_CHOICES = ("auto", "bf16", "fp16", "fp32")
 def make_plan(model_dir_or_config: Any, *, method_cfg: MethodConfig | None = None, loss: str = "clip",
               batch_size: int = 16, budget_bytes: int | None = None, profile: Profile | str | Path | None = None,
               dtype: str = "auto", quantize: str = "auto", text_model: Any = None,
-              text_tokens: int = TEXT_TOKENS, image_size: int | None = None, anchors: int = 0) -> Plan:
+              text_tokens: int = TEXT_TOKENS, image_size: int | None = None, processes: int = 1,
+              anchors: int = 0) -> Plan:
     """Predict every phase's peak and choose micro-batch, accumulation, checkpointing, quantization and
     importance block groups so that all fit in min(budget_bytes, profile total - reserve).
+
+    With `processes` > 1 (data-parallel adapt) the plan is per process: each holds ceil(batch_size /
+    processes) samples of a step, and every figure (and the budget) is one process's.
 
     Reads config.json only: call it before loading any weight. Never raises for a budget that is too
     small: the Plan says `fits=False`; `check_fits(plan)` turns that into OverBudgetError.
@@ -37,12 +41,16 @@ def make_plan(model_dir_or_config: Any, *, method_cfg: MethodConfig | None = Non
     if quantize not in QUANTIZE_CHOICES:
         raise BadInputError(f"--quantize {quantize!r} is not one of {', '.join(QUANTIZE_CHOICES)}",
                             hint="use --quantize auto")
-    if batch_size < 1:
-        raise BadInputError(f"--batch-size must be >= 1, got {batch_size}", hint="e.g. --batch-size 16")
+    if batch_size < 1 or processes < 1:
+        raise BadInputError(f"--batch-size and --processes must be >= 1, got {batch_size} and {processes}",
+                            hint="e.g. --batch-size 16")
     prof = resolve_profile(profile)
     dt = resolve_dtype(dtype, prof)
     arch = describe(model_dir_or_config, loss, text_model, text_tokens, image_size)
-    return _plan_for(arch, method_cfg, loss, batch_size, budget_bytes, prof, dt, quantize, anchors)
+    plan = _plan_for(arch, method_cfg, loss, -(-batch_size // processes), budget_bytes, prof, dt, quantize,
+                     anchors)
+    plan.processes = processes
+    return plan
 
 
 def _plan_for(arch: Arch, method_cfg, loss, batch_size, budget_bytes, prof, dt, quantize, anchors: int = 0) -> Plan:

@@ -40,6 +40,7 @@ class Plan:
     cheapest_change: str
     trainable_params: int
     notes: list[str] = field(default_factory=list)
+    processes: int = 1  # data-parallel processes; batch_size and every byte figure are per process
 
     @property
     def components(self) -> list[Component]:
@@ -93,8 +94,9 @@ def format_plan(plan: Plan) -> str:
     if not plan.unified:
         lines.append("* host RAM: not counted against GPU memory")
     lines.append("(export) runs later in its own process: shown, not part of the verdict")
+    per = f" per process, {plan.processes} processes" if plan.processes > 1 else ""
     lines += ["", f"settings: micro-batch {plan.micro_batch} x {plan.grad_accum} accumulation = batch "
-              f"{plan.batch_size}; checkpointing {'on' if plan.checkpointing else 'off'}; LLM quantization "
+              f"{plan.batch_size}{per}; checkpointing {'on' if plan.checkpointing else 'off'}; LLM quantization "
               f"{plan.quantize}; importance in {plan.importance_block_groups} block group(s)",
               f"predicted peak {format_size(plan.predicted_peak_bytes)} ({plan.peak_phase}) of budget "
               f"{format_size(plan.budget_bytes)}: {'fits' if plan.fits else 'does NOT fit'}"]
