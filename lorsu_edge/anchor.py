@@ -11,10 +11,10 @@ and would only add a forward pass there.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +24,7 @@ from lorsu_edge.consumer import image_features
 from lorsu_edge.errors import BadInputError
 from lorsu_edge.families import EncoderSpec
 from lorsu_edge.losses import Batch, _images
-from lorsu_edge.samples import IMAGE_EXTENSIONS, Sample, SampleSet, read_samples
+from lorsu_edge.samples import IMAGE_EXTENSIONS, Sample, read_samples
 
 
 def read_anchor_images(root: Path, limit: int) -> list[Sample]:
