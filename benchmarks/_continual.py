@@ -133,7 +133,7 @@ def run_one(target: str, method: str, variant: Variant, seed: int, lr: float, ep
             continual=ContinualConfig(class_weight=variant.class_weight, replay=variant.replay,
                                       on_forgetting=variant.on_forgetting), show_progress=False))
         r = result.report
-        rows.append({"night": n + 1, "status": result.status, "alpha": r.get("alpha", 1.0),
+        rows.append({"night": n + 1, "status": r["guard"], "alpha": r.get("alpha", 1.0),
                      "target": _current_accuracy(r, result.status), "control": _current_control(r, result.status),
                      "target_before": r["target_accuracy_before"], "control_before": r["control_accuracy_before"],
                      "trainable_params": r["trainable_params"], "seconds": r["seconds"]})

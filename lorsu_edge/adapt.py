@@ -80,7 +80,7 @@ class AdaptOptions:
 
 @dataclass
 class AdaptResult:
-    status: str  # "accepted", "scaled" (accepted at a fraction of the update), "rejected" or "nothing-new"
+    status: str  # "accepted" (report["guard"] == "scaled": at a fraction of its update), "rejected" or "nothing-new"
     session: str | None  # the session written (accepted or rejected); the current one for "nothing-new"
     report: dict[str, Any]
     message: str = ""
@@ -549,7 +549,9 @@ def _adapt_locked(opts: AdaptOptions, wd: Workdir, start: float) -> AdaptResult:
             write_json(partial / SAMPLES_FILE, sorted(s.sha256 for s in fresh))
             fault_point("write")
             session = wd.commit_session(partial, accepted=accepted, reason=reason)
-        status = verdict.status
+        # a scaled session is an accepted one (tracking, fleet and exit codes see "accepted"); report.json's
+        # `guard` and `alpha` say how much of it was kept
+        status = "accepted" if accepted else "rejected"
         if opts.save_full and accepted:
             loaded.model.save_pretrained(opts.save_full)
             loaded.processor.save_pretrained(opts.save_full)

@@ -256,7 +256,7 @@ def run_demo(opts: DemoOptions, make_data: Callable[[DemoOptions, Path], DemoDat
             eval_data=data.target_eval, max_forgetting=opts.max_forgetting, show_progress=opts.show_progress,
             anchor=data.anchor))
         r = result.report
-        rows.append({"session": i + 1, "status": result.status, "alpha": r.get("alpha", 1.0),
+        rows.append({"session": i + 1, "status": r.get("guard", result.status), "alpha": r.get("alpha", 1.0),
                      "target": r["target_accuracy"], "control": r["control_accuracy"],
                      "trainable_params": r["trainable_params"], "seconds": r["seconds"], "reason": r["reason"]})
     summary = {"model": model, "kind": opts.kind, "target": opts.protocol.target,

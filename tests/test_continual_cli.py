@@ -57,7 +57,7 @@ def test_a_real_forgetting_case_is_caught_and_kept_scaled(scaled):
     wd, line = scaled
     report = _report(wd, "0001")
     tried = report["scale_search"]
-    assert line["status"] == "scaled" == report["guard"] and report["accepted"]
+    assert line["guard"] == "scaled" == report["guard"] and line["status"] == "accepted" and report["accepted"]
     assert tried[0]["alpha"] == 1.0 and not tried[0]["passed"] and tried[0]["control"] <= 0.9  # a real drop
     assert 0 < report["alpha"] < 1 and len(tried) <= 5
     best = max(p["alpha"] for p in tried if p["passed"])
