@@ -152,3 +152,25 @@ def test_perplexity_path_with_anchor_replay_and_the_scale_guard(tmp_path):
     assert biases == [{"lora": False}, {"lora": True}]
     assert first["method_config"]["qkv_bias"] is False and second["method_config"]["qkv_bias"] is True
     assert second["replayed"] == 2 and second["guard"] in ("accepted", "scaled", "rejected")
+
+
+def test_replayed_samples_enter_the_importance_pass_too(world, tmp_path, monkeypatch):
+    """Catches replay mixed into training only: the parameters would be chosen for tonight's classes alone."""
+    import lorsu_edge.adapt as adapt_module
+
+    wd = tmp_path / "runs"
+    r, _ = _adapt(world, wd, world["night2"], "--replay", "3", "--epochs", "1", "--lr", "1e-3",
+                  "--max-forgetting", "100")
+    assert r.exit_code == 0, r.output
+    scored = []
+    real = adapt_module.compute_importance
+
+    def spy(model, paths, batches, objective, n, *args, **kwargs):
+        scored.append(n)
+        return real(model, paths, batches, objective, n, *args, **kwargs)
+
+    monkeypatch.setattr(adapt_module, "compute_importance", spy)
+    night = write_toy_images(tmp_path / "n", labels=("crimson",), per_class=2, seed=13)
+    r, _ = _adapt(world, wd, night, "--replay", "3", "--epochs", "1", "--lr", "1e-3", "--max-forgetting", "100")
+    assert r.exit_code == 0, r.output
+    assert scored == [2 + 3] and _report(wd, "0002")["replayed"] == 3
