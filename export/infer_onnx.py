@@ -1,8 +1,11 @@
 #!/usr/bin/env python3
 """Run a lorsu-edge ONNX export on images: image in, embedding out, printed as JSON.
 
-Standalone on purpose: it needs only Pillow, numpy and onnxruntime (no torch, no transformers, no
-lorsu-edge), so it can be copied to a Jetson or any deployment box next to the .onnx file.
+Standalone on purpose: it needs only Pillow, numpy and onnxruntime (no torch, no transformers), so it
+can be copied to a Jetson or any deployment box next to the .onnx file, together with
+`lorsu_edge/imagefile.py` (copy it beside this script as `imagefile.py`): images are read and decoded
+by that same module in training and here (16-bit, transparent, EXIF-rotated images give the same pixels;
+FIFOs, devices, non-raster formats and files over the caps are refused).
 Preprocessing is replayed from the sidecar `<model>.onnx.json` written by `lorsu-edge export`, and
 reproduces the model's transformers image processor (PIL resize, center crop, rescale, normalize).
 
@@ -24,7 +27,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
+
+try:  # shipped beside this script on a deployment box
+    import imagefile
+except ImportError:  # run from a lorsu-edge checkout or install
+    from lorsu_edge import imagefile
 
 FORMAT = "lorsu-edge-onnx/1"
 META_PREFIX = "lorsu_edge."
@@ -54,19 +62,14 @@ def read_sidecar(model_path: Path, sidecar: Path | None = None) -> dict[str, Any
     return meta
 
 
-def load_rgb(path: Path) -> Image.Image:
-    """An image as RGB with EXIF orientation applied; transparency composited on white (as lorsu-edge trains)."""
+def load_rgb(path: Path, limits: imagefile.ImageLimits = imagefile.ImageLimits()) -> Image.Image:
+    """An image decoded exactly as lorsu-edge decodes it for training (`imagefile.decode_image`)."""
     try:
-        im = Image.open(path)
-        im.load()
-    except (OSError, ValueError) as e:
-        raise InferError(f"cannot read image {path}: {e}") from None
-    im = ImageOps.exif_transpose(im)
-    if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
-        rgba = im.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return im.convert("RGB")
+        return imagefile.decode_image(imagefile.read_image_bytes(path, limits), limits)
+    except imagefile.ImageRefused as e:
+        raise InferError(f"refused image {path}: {e}") from None
+    except Exception as e:  # Pillow's plugins raise many exception types on corrupt input
+        raise InferError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
 
 
 def _resize_hw(h: int, w: int, size: dict[str, int]) -> tuple[int, int]:
@@ -142,6 +145,13 @@ def embed(session: Any, meta: dict[str, Any], images: list[Image.Image], batch_s
     return np.concatenate(outs)
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model", type=Path, help="the exported .onnx file")
@@ -151,11 +161,16 @@ def main(argv: list[str] | None = None) -> int:
                     help="onnxruntime execution provider, repeatable (default: CPUExecutionProvider)")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--summary", action="store_true", help="print shape and L2 norm, not the values")
+    ap.add_argument("--max-image-bytes", type=_positive_int, default=imagefile.ImageLimits().max_bytes,
+                    help="refuse image files larger than this")
+    ap.add_argument("--max-image-pixels", type=_positive_int, default=imagefile.ImageLimits().max_pixels,
+                    help="refuse images with more pixels than this (read from the header)")
     args = ap.parse_args(argv)
     try:
         meta = read_sidecar(args.model, args.sidecar)
         session = open_session(args.model, meta, args.provider)
-        out = embed(session, meta, [load_rgb(p) for p in args.images], args.batch_size)
+        limits = imagefile.ImageLimits(args.max_image_bytes, args.max_image_pixels)
+        out = embed(session, meta, [load_rgb(p, limits) for p in args.images], args.batch_size)
     except InferError as e:
         print(f"error: {e}", file=sys.stderr)
         return 3

@@ -38,6 +38,7 @@ from lorsu_edge.load import (Loaded, apply_encoder, config_role, load_model, loa
 from lorsu_edge.losses import Batch, check_loss, default_loss, make_objective
 from lorsu_edge.memory import cap_cuda_memory, cuda_peak_bytes, peak_rss_bytes
 from lorsu_edge.merge import encoder_state_dict, tensors_hash, unload
+from lorsu_edge.imagefile import ImageLimits
 from lorsu_edge.samples import Sample, SampleSet, read_samples
 from lorsu_edge.plan import apply_checkpointing
 from lorsu_edge.score import candidate_paths, compute_importance
@@ -75,6 +76,8 @@ class AdaptOptions:
     show_progress: bool = True
     anchor: Path | None = None  # unlabeled images whose features the session must keep (None: the workdir's)
     continual: ContinualConfig = field(default_factory=ContinualConfig)
+    image_limits: ImageLimits = ImageLimits()  # per-image byte and pixel caps for every folder read
+    allow_outside_data: bool = False  # accept manifest paths / links resolving outside their folder
     track: str | None = None  # MLflow tracking URI or "off" (None: the workdir's, see lorsu_edge/track.py)
 
 
@@ -302,14 +305,19 @@ def write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
 
 
+def read_folder(opts: AdaptOptions, folder: Path) -> SampleSet:
+    """A data folder read under the run's inbox rules (caps, confinement)."""
+    return read_samples(folder, limits=opts.image_limits, allow_outside=opts.allow_outside_data)
+
+
 def load_eval_sets(opts: AdaptOptions, wd: Workdir) -> dict[str, SampleSet]:
     """The control set (given now or remembered by the workdir) and the optional target eval set."""
     control = opts.control or wd.settings().get("control")
     if opts.control:
         wd.update_settings(control=str(opts.control))
-    sets = {"control": read_samples(Path(control))} if control else {}
+    sets = {"control": read_folder(opts, Path(control))} if control else {}
     if opts.eval_data:
-        sets["target"] = read_samples(opts.eval_data)
+        sets["target"] = read_folder(opts, opts.eval_data)
     return sets
 
 
@@ -485,7 +493,7 @@ def adapt(opts: AdaptOptions) -> AdaptResult:
 def _adapt_locked(opts: AdaptOptions, wd: Workdir, start: float) -> AdaptResult:
     with wd.lock(), graceful_sigterm():
         base = resolve_base_model(opts, wd.settings().get("base_model"))
-        sample_set = read_samples(opts.data)
+        sample_set = read_folder(opts, opts.data)
         fresh = new_samples(sample_set, wd.seen_hashes())
         if len(fresh) < opts.min_new_samples:
             msg = f"{len(fresh)} new samples in {opts.data} (need {opts.min_new_samples}): nothing to do"
@@ -494,7 +502,9 @@ def _adapt_locked(opts: AdaptOptions, wd: Workdir, start: float) -> AdaptResult:
         opts = replace(opts, anchor=remembered_anchor(wd, opts.anchor))
         device = pick_device(opts.device)
         precision = resolve_precision(opts.train.precision, device)  # refuse bad combinations before loading
-        role = config_role(read_config(resolve_source(base)))
+        model_config = read_config(resolve_source(base))
+        role = config_role(model_config)
+        opts.method.check_heads(model_config, base)
         loss = opts.loss or default_loss(role)
         check_loss(loss, role, has_text_model=bool(opts.text_model))
         opts = replace(opts, method=opts.method.for_loss(loss))

@@ -7,6 +7,9 @@ lr 1e-5 for the CLIP loss, 5 epochs, batch 16. CLI help text is read from the fi
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
+
+from lorsu_edge.errors import BadInputError
 
 METHODS = ("lorsu", "lora", "spu", "full")
 
@@ -69,6 +72,16 @@ class MethodConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def check_heads(self, model_config: Any, model: str) -> None:
+        """Refuse `--top-k-heads` above the tower's head count from the config alone, before any weight is read
+        (it used to fail inside head selection, after loading, exit 1). BadInputError, exit 3."""
+        vision = getattr(model_config, "vision_config", None) or model_config
+        heads = getattr(vision, "num_attention_heads", None)
+        if self.method == "lorsu" and heads is not None and self.top_k_heads > int(heads):
+            raise BadInputError(f"--top-k-heads {self.top_k_heads} is more than the {heads} attention heads per "
+                                f"block of {model}'s image tower",
+                                hint=f"pass --top-k-heads {heads} or less (0 trains no LoRA, fc1 entries only)")
 
 
 ON_FORGETTING = ("scale", "reject")

@@ -81,3 +81,12 @@ class TrainingError(LorsuError):
 
 class InterruptedRunError(LorsuError):
     exit_code = ExitCode.INTERRUPTED
+
+
+def decode_utf8(data: bytes, what: str, error: type[LorsuError], hint: str) -> str:
+    """`data` as UTF-8 text (a leading BOM dropped), or `error` naming `what` and the line of the first bad byte."""
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise error(f"{what} line {line}: not UTF-8 text (byte {e.start}: {e.reason})", hint=hint) from None

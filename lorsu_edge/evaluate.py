@@ -43,7 +43,7 @@ def _image_batches(loaded: Loaded, samples: list[Sample], batch_size: int):
     image_processor = getattr(loaded.processor, "image_processor", loaded.processor)
     for i in range(0, len(samples), batch_size):
         chunk = samples[i:i + batch_size]
-        yield chunk, image_processor([load_image(s.path) for s in chunk], return_tensors="pt")["pixel_values"]
+        yield chunk, image_processor([load_image(s.path, s.limits) for s in chunk], return_tensors="pt")["pixel_values"]
 
 
 @torch.no_grad()
@@ -97,7 +97,7 @@ def _vlm_hits(loaded: Loaded, samples: list[Sample], batch_size: int, autocast, 
         for i in range(0, len(samples), batch_size):
             chunk = samples[i:i + batch_size]
             qa = [(s.question, s.answer) if s.is_vqa else (LABEL_QUESTION, str(s.label)) for s in chunk]
-            enc = proc(images=[load_image(s.path) for s in chunk], text=[vqa_prompt(proc, q) for q, _ in qa],
+            enc = proc(images=[load_image(s.path, s.limits) for s in chunk], text=[vqa_prompt(proc, q) for q, _ in qa],
                        padding=True, return_tensors="pt")
             enc.pop("token_type_ids", None)  # 4.57's generate rejects them
             with autocast():

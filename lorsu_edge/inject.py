@@ -36,8 +36,9 @@ def select_targets(spec: EncoderSpec, cfg: MethodConfig,
     for block in spec.candidate_blocks:
         if cfg.uses_fc1:
             targets.append(Target(block.fc1, "sparse", top_entries(grads[block.fc1], cfg.sparsity), block.index))
-        if cfg.uses_lora:
-            targets.extend(lora_targets(spec, block, _chosen_heads(spec, cfg, block, grads).tolist()))
+        heads = _chosen_heads(spec, cfg, block, grads).tolist() if cfg.uses_lora else []
+        if heads:  # --top-k-heads 0: no LoRA at all, not rank-r factors on zero rows that train for nothing
+            targets.extend(lora_targets(spec, block, heads))
     return targets
 
 

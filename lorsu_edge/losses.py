@@ -56,7 +56,7 @@ def check_loss(loss: str, role: str, has_text_model: bool) -> None:
 
 def _images(processor: Any, samples: list[Sample]) -> torch.Tensor:
     image_processor = getattr(processor, "image_processor", processor)
-    return image_processor([load_image(s.path) for s in samples], return_tensors="pt")["pixel_values"]
+    return image_processor([load_image(s.path, s.limits) for s in samples], return_tensors="pt")["pixel_values"]
 
 
 class ContrastiveObjective:
@@ -204,7 +204,7 @@ class PerplexityObjective:
 
     def make_batch(self, samples: list[Sample]) -> Batch:
         tok = self.processor.tokenizer
-        images = [load_image(s.path) for s in samples]
+        images = [load_image(s.path, s.limits) for s in samples]
         prompts, fulls = zip(*(vqa_text(self.processor, q, a) for q, a in map(self.qa, samples)))
         tok.padding_side = "right"
         enc = self.processor(images=images, text=list(fulls), padding=True, return_tensors="pt")

@@ -30,7 +30,7 @@ from typing import Any
 
 import lorsu_edge
 from lorsu_edge.budget import parse_size
-from lorsu_edge.errors import ProfileError
+from lorsu_edge.errors import ProfileError, decode_utf8
 
 DTYPES = ("bf16", "fp16", "fp32")
 DEVICES = ("cuda", "cpu")
@@ -94,8 +94,8 @@ def _toml_load(path: Path) -> dict[str, Any]:
             raise ProfileError("reading profiles on Python 3.10 needs the tomli package",
                                hint="pip install tomli") from None
     try:
-        with open(path, "rb") as f:
-            return tomllib.load(f)
+        text = decode_utf8(Path(path).read_bytes(), f"profile {path}", ProfileError, hint="save the profile as UTF-8")
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ProfileError(f"profile {path}: not valid TOML ({e})", hint="fix the file's syntax") from None
     except OSError as e:

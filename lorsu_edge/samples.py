@@ -15,12 +15,16 @@ Every image is read once: its bytes are hashed (sha256, which the workdir uses t
 already trained on) and decoded through the same path `load_image` takes, so a file that passes
 here will also load during training. Unusable files are skipped with a logged warning and recorded
 in `SampleSet.skipped`; malformed manifests are a `DataError` naming file, line and field.
+
+An inbox on an unattended box is not trusted (`lorsu_edge.imagefile`): only regular files within
+the byte and pixel caps of `ImageLimits`, in a raster format, are decoded, and every path (manifest
+rows and class-folder files alike, after links are resolved) must lie inside DIR unless
+`allow_outside=True` (`--allow-outside-data`). Refused files are skipped and counted like corrupt ones.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import itertools
 import json
 import logging
@@ -29,10 +33,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
-from lorsu_edge.errors import DataError
+from lorsu_edge.errors import DataError, decode_utf8
+from lorsu_edge.imagefile import ImageLimits, ImageRefused, decode_image, read_image_bytes
 
 TEMPLATES_NAME = "templates.txt"
 MANIFEST_NAME = "manifest.jsonl"
@@ -65,6 +69,8 @@ class Sample:
     label: str | None = None
     question: str | None = None
     answer: str | None = None
+    limits: ImageLimits = field(default=ImageLimits(), compare=False)
+    """The caps the image was verified under; `load_image(s.path, s.limits)` reloads it under the same ones."""
 
     @property
     def is_vqa(self) -> bool:
@@ -111,11 +117,13 @@ class _Unusable(Exception):
     """An image file that is skipped; the message is the reason recorded in `skipped`."""
 
 
-def read_samples(root: Path, *, max_samples: int | None = None) -> SampleSet:
+def read_samples(root: Path, *, max_samples: int | None = None, limits: ImageLimits = ImageLimits(),
+                 allow_outside: bool = False) -> SampleSet:
     """Read and verify the samples under `root` (manifest.jsonl, else class subfolders).
 
     `max_samples` caps the number of usable samples kept (the first ones in order: manifest
-    order, or classes interleaved for folders); files after the cap are not opened.
+    order, or classes interleaved for folders); files after the cap are not opened. `limits` caps
+    each file's bytes and pixels; `allow_outside` accepts paths that resolve outside `root`.
     Raises `DataError` for a missing folder, an unrecognised layout, a malformed manifest, or
     when no image at all is usable; `ValueError` for `max_samples < 1`.
     """
@@ -124,7 +132,7 @@ def read_samples(root: Path, *, max_samples: int | None = None) -> SampleSet:
     root = _check_root(Path(root))
     manifest = root / MANIFEST_NAME
     rows = _read_manifest(manifest, root) if manifest.is_file() else _scan_folders(root)
-    sample_set = _verify(root, rows, max_samples)
+    sample_set = _verify(root, rows, max_samples, limits, allow_outside)
     sample_set.templates = read_templates(root / TEMPLATES_NAME)
     return sample_set
 
@@ -133,40 +141,51 @@ def read_templates(path: Path) -> tuple[str, ...]:
     """Caption templates, one per line, each with a `{label}` placeholder (blank lines and # comments skipped)."""
     if not path.is_file():
         return ()
-    lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
-    return check_templates(tuple(ln for ln in lines if ln and not ln.startswith("#")), str(path))
+    try:
+        text = decode_utf8(path.read_bytes(), str(path), DataError, hint="save the templates as UTF-8")
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {e.strerror or e}", hint="check the file's permissions") from e
+    kept = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if line.strip() and not line.strip().startswith("#"):
+            kept.append(_check_template(line.strip(), f"{path} line {lineno}"))
+    return tuple(kept)
 
 
 def check_templates(templates: tuple[str, ...], where: str) -> tuple[str, ...]:
     """Each template must format with `label=` alone and contain `{label}`."""
-    for t in templates:
-        try:
-            ok = "{label}" in t and bool(t.format(label="x"))
-        except (KeyError, IndexError, ValueError):
-            ok = False
-        if not ok:
-            raise DataError(f"{where}: template {t!r} needs a {{label}} placeholder and no other braces",
-                            hint='write e.g. "a photo of a {label}."')
-    return templates
+    return tuple(_check_template(t, where) for t in templates)
 
 
-def load_image(path: Path) -> Image.Image:
-    """Load an image as 8-bit RGB with its EXIF orientation applied.
+def _check_template(template: str, where: str) -> str:
+    try:
+        ok = "{label}" in template and bool(template.format(label="x"))
+    except (KeyError, IndexError, ValueError, AttributeError, TypeError):  # {0}, {x}, {label.nope}, {label[0][0]}..
+        ok = False
+    if not ok:
+        raise DataError(f"{where}: template {template!r} needs a {{label}} placeholder and no other braces",
+                        hint='write e.g. "a photo of a {label}."')
+    return template
+
+
+def load_image(path: Path, limits: ImageLimits = ImageLimits()) -> Image.Image:
+    """Load an image as 8-bit RGB with its EXIF orientation applied (`imagefile.decode_image`).
 
     Grayscale and palette images are converted; transparency (RGBA, LA, palette or colour-key)
     is composited on white; 16-bit and 32-bit/float grayscale are scaled down to 8 bits rather
-    than clipped. Raises `DataError` if the file cannot be read or decoded.
+    than clipped. Raises `DataError` if the file cannot be read or decoded, or is refused (not a
+    regular file, over `limits`, not a raster format).
     """
     path = Path(path)
     try:
-        data = path.read_bytes()
-    except OSError as e:
+        data = read_image_bytes(path, limits)
+    except ImageRefused as e:
         raise DataError(
-            f"cannot read image {path}: {e.strerror or e}",
-            hint="the file was readable when the samples were listed; check it was not moved or deleted",
-        ) from e
+            f"cannot read image {path}: {e}",
+            hint="the file was readable when the samples were listed; check it was not moved or replaced",
+        ) from None
     try:
-        return _decode(data)
+        return decode_image(data, limits)
     except Exception as e:  # PIL's plugins raise many exception types on corrupt input
         raise DataError(
             f"cannot decode image {path}: {type(e).__name__}: {e}",
@@ -238,10 +257,8 @@ def _no_layout_hint(root: Path) -> str:
 def _read_manifest(path: Path, root: Path) -> list[_Row]:
     """Parse every line first, so a bad line fails fast before any image is opened."""
     try:
-        text = path.read_text(encoding="utf-8-sig")  # -sig: tolerate a BOM from Windows editors
-    except UnicodeDecodeError as e:
-        message = f"{path} is not UTF-8 text (byte {e.start}: {e.reason})"
-        raise DataError(message, hint="save the manifest as UTF-8") from e
+        # -sig: tolerate a BOM from Windows editors
+        text = decode_utf8(path.read_bytes(), str(path), DataError, hint="save the manifest as UTF-8")
     except OSError as e:
         raise DataError(f"cannot read {path}: {e.strerror or e}", hint="check the file's permissions") from e
     # split on \n only: str.splitlines would also split on U+2028 etc., which are legal inside JSON strings
@@ -266,6 +283,8 @@ def _parse_row(line: str, path: Path, lineno: int, root: Path) -> _Row:
     image = _text_field(obj, "image", where, numbers_ok=False)
     if image is None:
         raise DataError(f'{where}: missing field "image"', hint=_ROW_HINT)
+    if "\0" in image:  # no file name holds one; resolving it would raise a bare ValueError
+        raise DataError(f'{where}: field "image" contains a NUL character (\\u0000)', hint=_ROW_HINT)
     label = _text_field(obj, "label", where, numbers_ok=True)
     if obj.get("question") is None and obj.get("answer") is None:
         if label is None:
@@ -317,7 +336,8 @@ def _resolve(image: str, root: Path) -> Path:
 # --- verification -----------------------------------------------------------------------------
 
 
-def _verify(root: Path, rows: list[_Row], max_samples: int | None) -> SampleSet:
+def _verify(root: Path, rows: list[_Row], max_samples: int | None, limits: ImageLimits,
+            allow_outside: bool) -> SampleSet:
     """Hash and decode each row's image; keep the first of each duplicate; stop at the cap."""
     out = SampleSet(root=root, samples=[])
     first_seen: dict[tuple[str, str | None], Path] = {}
@@ -325,11 +345,12 @@ def _verify(root: Path, rows: list[_Row], max_samples: int | None) -> SampleSet:
         if max_samples is not None and len(out.samples) >= max_samples:
             break
         try:
-            digest = _check_image(row, first_seen)
+            _check_inside(row.path, root, allow_outside)
+            digest = _check_image(row, first_seen, limits)
         except _Unusable as e:
             _skip(out, row.path, str(e))
             continue
-        out.samples.append(Sample(row.path, digest, row.label, row.question, row.answer))
+        out.samples.append(Sample(row.path, digest, row.label, row.question, row.answer, limits))
     if len(out.skipped) > MAX_SKIP_WARNINGS:
         more = len(out.skipped) - MAX_SKIP_WARNINGS
         log.warning("... and %d more files skipped (%d in all)", more, len(out.skipped))
@@ -342,9 +363,18 @@ def _verify(root: Path, rows: list[_Row], max_samples: int | None) -> SampleSet:
     return out
 
 
-def _check_image(row: _Row, first_seen: dict[tuple[str, str | None], Path]) -> str:
+def _check_inside(path: Path, root: Path, allow_outside: bool) -> None:
+    """`path` is already resolved (links followed), so a link pointing out of DIR is caught too."""
+    if not allow_outside and not path.is_relative_to(root):
+        raise _Unusable(f"outside the data folder {root} (pass --allow-outside-data to accept it)")
+
+
+def _check_image(row: _Row, first_seen: dict[tuple[str, str | None], Path], limits: ImageLimits) -> str:
     """Return the file's sha256 if it is a new, decodable image; raise `_Unusable` otherwise."""
-    data = _read_bytes(row.path)
+    try:
+        data = read_image_bytes(row.path, limits)
+    except ImageRefused as e:
+        raise _Unusable(str(e)) from None
     digest = hashlib.sha256(data).hexdigest()
     # VQA data often asks several questions about one image: those are distinct samples, so the
     # duplicate key includes the question. For label rows the same picture twice (even under two
@@ -353,91 +383,16 @@ def _check_image(row: _Row, first_seen: dict[tuple[str, str | None], Path]) -> s
     if key in first_seen:
         raise _Unusable(f"duplicate of {first_seen[key]}")
     try:
-        _decode(data, reduced=True)
+        decode_image(data, limits, reduced=True)
+    except ImageRefused as e:
+        raise _Unusable(str(e)) from None
     except Exception as e:  # PIL's plugins raise many exception types on corrupt input
         raise _Unusable(f"cannot decode image: {type(e).__name__}: {e}") from e
     first_seen[key] = row.path
     return digest
 
 
-def _read_bytes(path: Path) -> bytes:
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise _Unusable("missing file") from None
-    except IsADirectoryError:
-        raise _Unusable("not a file") from None
-    except OSError as e:
-        raise _Unusable(f"unreadable: {e.strerror or e}") from None
-    if not data:
-        raise _Unusable("empty file")
-    return data
-
-
 def _skip(out: SampleSet, path: Path, reason: str) -> None:
     out.skipped.append((path, reason))
     if len(out.skipped) <= MAX_SKIP_WARNINGS:
         log.warning("skipped %s: %s", path, reason)
-
-
-# --- decoding ---------------------------------------------------------------------------------
-
-_ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
-
-
-def _decode(data: bytes, *, reduced: bool = False) -> Image.Image:
-    """Decode fully (so truncation is caught now, not mid-training) and normalise to RGB.
-
-    `reduced=True` is for verification only: the pixels may come back downscaled.
-    """
-    with Image.open(io.BytesIO(data)) as im:
-        if reduced:
-            # JPEG only: decode at 1/8 scale. libjpeg still walks the whole entropy-coded
-            # stream, so truncation is caught, at half the cost on large photos.
-            im.draft(None, (1, 1))
-        im.load()
-        return _to_rgb(_exif_upright(im))
-
-
-def _exif_upright(im: Image.Image) -> Image.Image:
-    try:
-        upright = ImageOps.exif_transpose(im)
-    except Exception:  # a malformed EXIF block must not cost us an otherwise good image
-        log.debug("ignoring unreadable EXIF orientation", exc_info=True)
-        return im.copy()
-    return upright if upright is not None else im.copy()
-
-
-def _to_rgb(im: Image.Image) -> Image.Image:
-    if im.mode in ("I", "F") or im.mode.startswith("I;16"):
-        im = _high_bit_to_l(im)
-    if im.mode in _ALPHA_MODES or "transparency" in im.info:
-        # composite on white: converting straight to RGB would show transparent pixels as
-        # whatever colour they happen to store (often black)
-        white = Image.new("RGBA", im.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, im.convert("RGBA")).convert("RGB")
-    return im if im.mode == "RGB" else im.convert("RGB")
-
-
-def _high_bit_to_l(im: Image.Image) -> Image.Image:
-    """Scale 16/32-bit or float grayscale to 8 bits; PIL's own convert("L") clips at 255."""
-    arr = np.asarray(im)
-    if im.mode == "F":
-        arr = np.nan_to_num(arr.astype(np.float64))
-        in_unit_range = arr.size > 0 and arr.min() >= 0.0 and arr.max() <= 1.0
-        scaled = arr * 255.0 if in_unit_range else _stretch(arr)
-    else:
-        arr = arr.astype(np.int64)
-        lo, hi = (int(arr.min()), int(arr.max())) if arr.size else (0, 0)
-        if im.mode.startswith("I;16") or (lo >= 0 and 255 < hi <= 65535):
-            scaled = arr / 257.0  # 65535 -> 255 exactly
-        elif lo >= 0 and hi <= 255:
-            scaled = arr.astype(np.float64)  # 8-bit data stored in a 32-bit image
-        else:
-            scaled = _stretch(arr.astype(np.float64))
-    return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8))
-
-
-def _stretch(arr: np.ndarray) -> np.ndarray:
-    lo, hi = float(arr.min()), float(arr.max())
-    return (arr - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr)

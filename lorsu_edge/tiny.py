@@ -182,3 +182,22 @@ def save_knowing_clip(dest: Path, labels: tuple[str, ...] = ("red", "blue", "gre
         opt.zero_grad()
     model.eval().save_pretrained(dest)
     return dest
+
+
+def write_gray_png(path: Path, side: int, depth: int = 16) -> Path:
+    """A real mid-gray grayscale PNG of side x side pixels at `depth` bits (1, 8 or 16), written row by row with
+    zlib so it is never held in memory: a cheap hostile input (12000 px at 16 bits: 300 KB declaring 144 MP)."""
+    import struct
+    import zlib
+
+    comp = zlib.compressobj(9)
+    row = b"\0" + b"\x80" * ((side * depth + 7) // 8)  # filter byte 0, then the packed samples
+    body = b"".join(comp.compress(row) for _ in range(side)) + comp.flush()
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", side, side, depth, 0, 0, 0, 0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", body) + chunk(b"IEND", b""))
+    return path

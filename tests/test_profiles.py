@@ -109,6 +109,15 @@ def test_broken_toml_is_a_profile_error(tmp_path: Path) -> None:
         profiles.load_profile_file(f)
 
 
+def test_profile_not_utf8_is_a_profile_error_naming_the_line(tmp_path: Path) -> None:
+    """Bug: UnicodeDecodeError (not a TOMLDecodeError) escaped as an internal error, exit 1."""
+    bad = tmp_path / "mine.toml"
+    bad.write_bytes(b'# my box\ntitle = "caf\xe9"\n')
+    with pytest.raises(ProfileError, match=r"line 2: not UTF-8") as info:
+        profiles.get_profile(bad)
+    assert info.value.exit_code == 3 and str(bad) in info.value.message
+
+
 def test_user_dir_overrides_builtin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     home = tmp_path / "edge"
     (home / "profiles").mkdir(parents=True)

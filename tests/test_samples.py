@@ -64,7 +64,7 @@ def test_manifest_label_rows_keep_order_resolve_paths_and_ignore_extras(tmp_path
         f'{{"image": "img/../img/a.png", "label": 7}}\n'
         f'{{"image": {json.dumps(str(outside))}, "label": " cat "}}\n',
     )
-    result = read_samples(tmp_path)
+    result = read_samples(tmp_path, allow_outside=True)  # the absolute row is outside DIR
     assert [s.path for s in result.samples] == [b.resolve(), a.resolve(), outside.resolve()]
     assert [s.label for s in result.samples] == ["dog", "7", "cat"]
     assert result.labels == ["7", "cat", "dog"]
@@ -205,7 +205,7 @@ def test_bad_row_fails_before_any_image_is_opened(tmp_path: Path, monkeypatch: p
     _png(tmp_path / "a.png")
     _manifest(tmp_path, '{"image": "a.png", "label": "ok"}\n{oops\n')
     opened: list[object] = []
-    monkeypatch.setattr(samples_mod, "_decode", lambda data: opened.append(data))
+    monkeypatch.setattr(samples_mod, "decode_image", lambda *a, **k: opened.append(a))
     _data_error(tmp_path)
     assert opened == []
 
@@ -473,3 +473,44 @@ def test_cmyk_and_bilevel_images_become_rgb(tmp_path: Path) -> None:
     red = load_image(tmp_path / "cmyk.jpg").getpixel((1, 1))
     assert red[0] > 240 and red[1] < 15 and red[2] < 15
     assert load_image(tmp_path / "bw.bmp").getpixel((1, 1)) == (255, 255, 255)
+
+
+# --- malformed inputs: exit 3 naming file and line (they were exit 1, "internal error") ----------
+
+
+def test_nul_byte_in_a_manifest_path_names_the_line(tmp_path: Path) -> None:
+    """Bug: Path.resolve() raised a bare ValueError ("embedded null byte"), exit 1."""
+    _png(tmp_path / "a.png")
+    _manifest(tmp_path, [{"image": "a.png", "label": "x"}, {"image": "a\u0000.png", "label": "y"}])
+    err = _data_error(tmp_path)
+    assert "line 2:" in err.message and "NUL" in err.message
+
+
+def test_templates_not_utf8_names_the_line(tmp_path: Path) -> None:
+    """Bug: UnicodeDecodeError escaped read_templates, exit 1."""
+    _png(tmp_path / "cat" / "1.png")
+    (tmp_path / "templates.txt").write_bytes(b"a photo of a {label}\n# caf\xc3\xa9 ok\na {label} caf\xe9\n")
+    err = _data_error(tmp_path)
+    assert "templates.txt line 3: not UTF-8" in err.message
+
+
+@pytest.mark.parametrize("bad", ["a {label.nope}", "a {label} {0}", "{label[0][0][0]}", "a {label!z}", "no label"])
+def test_bad_template_names_file_and_line(tmp_path: Path, bad: str) -> None:
+    """Bug: `{label.nope}` raised AttributeError (exit 1): only Key/Index/ValueError were caught."""
+    _png(tmp_path / "cat" / "1.png")
+    (tmp_path / "templates.txt").write_text(f"a photo of a {{label}}\n\n{bad}\n", encoding="utf-8")
+    err = _data_error(tmp_path)
+    assert "templates.txt line 3: template" in err.message
+    with pytest.raises(DataError, match="--template: template"):
+        samples_mod.check_templates(("a {label}", bad), "--template")
+
+
+def test_malformed_inputs_exit_3_through_the_cli(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from lorsu_edge.cli.main import app
+
+    _png(tmp_path / "a.png")
+    _manifest(tmp_path, [{"image": "a\u0000.png", "label": "y"}])
+    res = CliRunner().invoke(app, ["eval", "--data", str(tmp_path), "--workdir", str(tmp_path / "wd")])
+    assert res.exit_code == 3 and "line 1:" in res.output and "internal error" not in res.output

@@ -387,7 +387,7 @@ def test_cli_list_and_build(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> 
     result = runner.invoke(models_cli.app, ["list"])
     assert result.exit_code == 0 and "no models cached" in result.output
     result = runner.invoke(models_cli.app, ["build", "nope"])
-    assert result.exit_code == 3 and "unknown model" in result.output
+    assert result.exit_code == 2 and "'nope' is not one of 'dual', 'vlm'," in result.output
 
     def fake(force: bool, seed: int) -> Path:
         path = cache.model_dir("fake-model")

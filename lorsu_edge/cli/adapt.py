@@ -8,7 +8,10 @@ from typing import Annotated
 
 import typer
 
+from lorsu_edge.cli.choices import Loss, Method, OnForgetting, Quantize, TrainPrecision, check_device
 from lorsu_edge.cli.errors import handle_errors
+from lorsu_edge.cli.inbox import (DEFAULT_MAX_MEGAPIXELS, DEFAULT_MAX_SIZE, AllowOutsideData, MaxImageMegapixels,
+                                  MaxImageSize, image_limits)
 from lorsu_edge.config import ContinualConfig, MethodConfig, field_help
 from lorsu_edge.budget import SIZE_HELP, parse_size
 from lorsu_edge.distributed import is_main, shutdown
@@ -43,16 +46,16 @@ def command(
     workdir: Annotated[Path, typer.Option(help="where sessions, history and the current model live")] = Path("lorsu-runs"),
     model: Annotated[str | None, typer.Option(help="base model folder or hub id (default: the workdir's, "
                                                   "else the embedded default)")] = None,
-    loss: Annotated[str | None, typer.Option(help="clip | ppl (default: clip for dual encoders, ppl for VLMs)")] = None,
+    loss: Annotated[Loss | None, typer.Option(help="clip | ppl (default: clip for dual encoders, ppl for VLMs)")] = None,
     text_model: Annotated[str | None, typer.Option(help="for --loss clip on a VLM: the dual encoder its tower came "
                                                        "from (its text tower scores captions; the LLM is not loaded)")] = None,
     template: Annotated[list[str] | None, typer.Option(help="caption template with {label} (repeatable; default: "
                                                           "DIR/templates.txt, else built-in ones)")] = None,
-    quantize: Annotated[str, typer.Option(help="LLM quantization: auto | 4bit | 8bit | none")] = "auto",
+    quantize: Annotated[Quantize, typer.Option(help="LLM quantization: auto | 4bit | 8bit | none")] = "auto",
     budget: Annotated[str | None, typer.Option(help=SIZE_HELP + "; default: the profile's memory less its reserve")] = None,
     profile: Annotated[str | None, typer.Option(help="device profile name or path (see lorsu-edge profiles); "
                                                      "default: detect this machine")] = None,
-    method: Annotated[str, typer.Option(help=_m("method"))] = "lorsu",
+    method: Annotated[Method, typer.Option(help=_m("method"))] = "lorsu",
     sparsity: Annotated[float, typer.Option(help=_m("sparsity"))] = 0.1,
     top_k_heads: Annotated[int, typer.Option(help=_m("top_k_heads"))] = 2,
     rank: Annotated[int, typer.Option(help=_m("rank"))] = 64,
@@ -65,9 +68,9 @@ def command(
     weight_decay: Annotated[float, typer.Option(help=_t("weight_decay"))] = 0.01,
     warmup_ratio: Annotated[float, typer.Option(help=_t("warmup_ratio"))] = 0.1,
     max_grad_norm: Annotated[float, typer.Option(help=_t("max_grad_norm"))] = 1.0,
-    precision: Annotated[str, typer.Option(help=_t("precision"))] = "auto",
+    precision: Annotated[TrainPrecision, typer.Option(help=_t("precision"))] = "auto",
     seed: Annotated[int, typer.Option(help=_t("seed"))] = 0,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N", callback=check_device)] = "auto",
     control: Annotated[Path | None, typer.Option(help="labelled control set scored before and after; the workdir "
                                                        "remembers it")] = None,
     eval_data: Annotated[Path | None, typer.Option("--eval", help="target eval set, scored before and after")] = None,
@@ -76,7 +79,7 @@ def command(
     max_total_forgetting: Annotated[float | None, typer.Option(
         help="also reject it if control accuracy ends more than this many points below the base model's "
              "(bounds drift over many sessions; the workdir remembers it; off by default)")] = None,
-    on_forgetting: Annotated[str, typer.Option(help=_c("on_forgetting"))] = _C.on_forgetting,
+    on_forgetting: Annotated[OnForgetting, typer.Option(help=_c("on_forgetting"))] = _C.on_forgetting,
     anchor: Annotated[Path | None, typer.Option(help="folder of unlabeled images of what the model must keep "
                                                      "(not the control set); the workdir remembers it")] = None,
     anchor_weight: Annotated[float, typer.Option(help=_c("anchor_weight"))] = _C.anchor_weight,
@@ -87,6 +90,9 @@ def command(
     min_new_samples: Annotated[int, typer.Option(help="do nothing (exit 0) with fewer new samples than this")] = 1,
     save_full: Annotated[Path | None, typer.Option(help="also write a complete model folder here "
                                                         "(loads with the family's from_pretrained)")] = None,
+    max_image_size: MaxImageSize = DEFAULT_MAX_SIZE,
+    max_image_megapixels: MaxImageMegapixels = DEFAULT_MAX_MEGAPIXELS,
+    allow_outside_data: AllowOutsideData = False,
     json_line: Annotated[bool, typer.Option("--json", help="print the result as one JSON line")] = False,
     progress: Annotated[bool, typer.Option(help="show progress bars")] = True,
     track: Annotated[str | None, typer.Option(help="MLflow tracking URI for this box's nights, or `off` (remembered; "
@@ -108,6 +114,7 @@ def command(
             max_total_forgetting=max_total_forgetting, save_full=save_full, show_progress=progress,
             anchor=anchor, continual=ContinualConfig(class_weight, anchor_weight, anchor_samples, replay,
                                                      replay_capacity, on_forgetting),
+            image_limits=image_limits(max_image_size, max_image_megapixels), allow_outside_data=allow_outside_data,
             track=check_track(track),
         )
     except ValueError as e:

@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from lorsu_edge.cli.choices import Method
 from lorsu_edge.cli.errors import handle_errors
 
 
@@ -19,7 +20,7 @@ def command(
                    ] = False,
     sessions: Annotated[int | None, typer.Option(help="few-shot sessions (default 5; 4 with --vlm)")] = None,
     shots: Annotated[int | None, typer.Option(help="images per class in each session (default 5; 3 with --vlm)")] = None,
-    method: Annotated[str, typer.Option(help="lorsu | lora | spu | full")] = "lorsu",
+    method: Annotated[Method, typer.Option(help="lorsu | lora | spu | full")] = "lorsu",
     epochs: Annotated[int | None, typer.Option(help="epochs per session (default 10; 5 with --vlm)")] = None,
     lr: Annotated[float | None, typer.Option(help="learning rate (default 3e-05; 5e-05 with --vlm)")] = None,
     max_forgetting: Annotated[float, typer.Option(help="reject a session that costs more control points")] = 1.0,

@@ -8,7 +8,10 @@ from typing import Annotated
 
 import typer
 
+from lorsu_edge.cli.choices import Quantize
 from lorsu_edge.cli.errors import handle_errors
+from lorsu_edge.cli.inbox import (DEFAULT_MAX_MEGAPIXELS, DEFAULT_MAX_SIZE, AllowOutsideData, MaxImageMegapixels,
+                                  MaxImageSize, image_limits)
 
 
 @handle_errors
@@ -19,8 +22,11 @@ def command(
     base: Annotated[bool, typer.Option("--base", help="score the unadapted base model")] = False,
     model: Annotated[str | None, typer.Option(help="base model (default: the workdir's); with --base, works "
                                                    "without a workdir")] = None,
-    quantize: Annotated[str, typer.Option(help="VLM language model: auto | 4bit | 8bit | none")] = "auto",
+    quantize: Annotated[Quantize, typer.Option(help="VLM language model: auto | 4bit | 8bit | none")] = "auto",
     batch_size: Annotated[int, typer.Option(help="images per forward")] = 32,
+    max_image_size: MaxImageSize = DEFAULT_MAX_SIZE,
+    max_image_megapixels: MaxImageMegapixels = DEFAULT_MAX_MEGAPIXELS,
+    allow_outside_data: AllowOutsideData = False,
     json_line: Annotated[bool, typer.Option("--json", help="print one JSON line")] = False,
 ) -> None:
     """Zero-shot accuracy over the label set (dual encoders) or answer accuracy (VLMs, exact/contains)."""
@@ -30,7 +36,8 @@ def command(
     from lorsu_edge.samples import read_samples
     from lorsu_edge.train import autocast_factory, resolve_precision
 
-    samples = read_samples(data)
+    samples = read_samples(data, limits=image_limits(max_image_size, max_image_megapixels),
+                           allow_outside=allow_outside_data)
     ref = resolve_session(workdir, session, base, model)
     device = pick_device("auto")
     loaded = load_session_model(ref, quantize, device=str(device))

