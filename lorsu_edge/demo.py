@@ -113,7 +113,9 @@ class DemoData:
     sessions: list[Path]
     target_eval: Path
     control: Path
-    anchor: Path | None = None  # images of what the model must keep, disjoint from the control set
+    # images of what the model must keep, disjoint from the control set: written for `adapt --anchor`, not
+    # distilled by the demo itself until the anchor weight is chosen by measurement (README)
+    anchor: Path | None = None
 
 
 Items = list[tuple[Any, str]]
@@ -253,8 +255,7 @@ def run_demo(opts: DemoOptions, make_data: Callable[[DemoOptions, Path], DemoDat
         result = adapt(AdaptOptions(
             data=session_dir, workdir=runs, model=model, loss=opts.protocol.loss, method=opts.method,
             train=TrainConfig(**{**asdict(opts.train), "seed": opts.seed + i}), control=data.control,
-            eval_data=data.target_eval, max_forgetting=opts.max_forgetting, show_progress=opts.show_progress,
-            anchor=data.anchor))
+            eval_data=data.target_eval, max_forgetting=opts.max_forgetting, show_progress=opts.show_progress))
         r = result.report
         rows.append({"session": i + 1, "status": r.get("guard", result.status), "alpha": r.get("alpha", 1.0),
                      "target": r["target_accuracy"], "control": r["control_accuracy"],

@@ -48,7 +48,8 @@ def _report(wd, sid):
 def scaled(world):
     """One session that forgets half the control at alpha = 1 and is kept scaled."""
     wd = world["root"] / "scaled"
-    r, line = _adapt(world, wd, world["night"], "--lr", "3e-2", "--epochs", "10", "--replay", "4")
+    r, line = _adapt(world, wd, world["night"], "--lr", "3e-2", "--epochs", "10", "--replay", "4",
+                     "--class-weight", "0.5")
     assert r.exit_code == 0, r.output
     return wd, line
 
@@ -96,7 +97,8 @@ def test_replay_buffer_grows_with_accepted_nights_only(world, scaled, tmp_path):
     assert {e.label for e in first} == {"crimson", "navy"} and len(first) == 8
     inbox = tmp_path / "inbox"
     shutil.copytree(world["night2"], inbox)
-    r, line = _adapt(world, wd, inbox, "--lr", "1e-3", "--epochs", "2", "--replay", "4", "--max-forgetting", "100")
+    r, line = _adapt(world, wd, inbox, "--lr", "1e-3", "--epochs", "2", "--replay", "4", "--max-forgetting", "100",
+                     "--class-weight", "0.5")
     assert r.exit_code == 0, r.output
     shutil.rmtree(inbox)  # the inbox may be emptied: the buffer holds its own copies
     report = _report(wd, "0002")
