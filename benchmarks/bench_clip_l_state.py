@@ -8,7 +8,7 @@ injects, and takes one AdamW step; then the real modules are measured: trainable
 bytes after backward, Adam state (exp_avg + exp_avg_sq), masks (dense-ref) and index buffers (lorsu),
 and the training-phase peak RSS. The analytic numbers are printed beside them and must agree.
 
-    lorsu      fc1: selected entries only (values + int64 indices); q/k/v: LoRA factors for the 2
+    lorsu      fc1: selected entries only (values + int32 indices); q/k/v: LoRA factors for the 2
                selected heads' rows only; biases dense. Optimizer state is O(selected).
     dense-ref  fc1 weight fully trainable with a gradient-mask hook (Adam keeps dense moments);
                q/k/v LoRA with full-size factors times a full-size fp32 row mask.
@@ -51,7 +51,7 @@ def analytic(vc: dict[str, Any], approach: str) -> dict[str, int]:
     if approach == "lorsu":
         fc1 = L * budget_count(I * H, SPARSITY)
         lora = L * 3 * (RANK * H + rows * RANK)
-        masks, index = 0, 8 * (fc1 + L * 3 * rows)
+        masks, index = 0, 4 * fc1 + 8 * L * 3 * rows  # int32 fc1 entries, int64 LoRA rows
     else:
         fc1 = L * I * H
         lora = L * 3 * (RANK * H + H * RANK)

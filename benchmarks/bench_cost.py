@@ -20,6 +20,7 @@ Only ratios within one run are meaningful; /proc/loadavg is recorded before and 
     python benchmarks/bench_cost.py                 # writes benchmarks/results/bench_cost.json (~5 min)
     python benchmarks/bench_cost.py --smoke         # tiny CLIP, seconds
     python benchmarks/bench_cost.py --models vitb16 --methods lorsu dense-ref --steps 10
+    python benchmarks/bench_cost.py --methods lorsu lorsu-sampled lora spu --threads 1   # fc1 gradient paths
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
 METHODS = ("lorsu", "lora", "spu", "full", "dense-ref")
+# Not run by default: LoRSU with the fc1 weight-gradient path forced instead of chosen by the crossover.
+FC1_GRAD_VARIANTS = {"lorsu-sampled": "sampled", "lorsu-dense": "dense"}
 MODELS = ("vitb16", "dual")
 
 
@@ -106,7 +109,7 @@ def prepare(model, spec, method: str, loss_fn, px: torch.Tensor, autocast) -> di
     from lorsu_edge.inject import freeze, inject, select_targets
     from lorsu_edge.score import candidate_paths, compute_importance
 
-    cfg = MethodConfig(method="lorsu" if method == "dense-ref" else method)
+    cfg = MethodConfig(method="lorsu" if method == "dense-ref" or method in FC1_GRAD_VARIANTS else method)
     grads, t0 = None, time.perf_counter()
     if cfg.needs_importance:
         paths = candidate_paths(spec, fc1=cfg.uses_fc1, attn=cfg.method == "lorsu")
@@ -119,7 +122,16 @@ def prepare(model, spec, method: str, loss_fn, px: torch.Tensor, autocast) -> di
     else:
         inject(model, targets, cfg)
         freeze(model, spec, cfg)
+        force_fc1_grad(model, FC1_GRAD_VARIANTS.get(method))
     return {"importance_s": importance_s, "targets": len(targets), "config": cfg.to_dict()}
+
+
+def force_fc1_grad(model: torch.nn.Module, mode: str | None) -> None:
+    from lorsu_edge.layers import SparseDeltaLinear
+
+    for m in model.modules():
+        if mode is not None and isinstance(m, SparseDeltaLinear):
+            m.grad_mode = mode
 
 
 def child(p: dict[str, Any]) -> dict[str, Any]:
@@ -222,10 +234,10 @@ def table(doc: dict[str, Any]) -> str:
         first = rows[0]
         size, params = first["image_size"], C.fmt_count(first["encoder_params"])
         lines += [f"\n{first['model_desc']}, {size} px, encoder {params} params",
-                  f"{'method':<11}{'step s':>8}{'vs lorsu':>9}{'cpu s':>8}{'vs lorsu':>9}{'trainable':>11}"
+                  f"{'method':<14}{'step s':>8}{'vs lorsu':>9}{'cpu s':>8}{'vs lorsu':>9}{'trainable':>11}"
                   f"{'Adam state':>12}{'grads':>11}{'masks':>11}{'peak RSS':>11}{'train +RSS':>12}"]
         for r in rows:
-            lines.append(f"{r['method']:<11}{r['step_s_median']:>8.3f}{r['step_vs_lorsu']:>8.2f}x"
+            lines.append(f"{r['method']:<14}{r['step_s_median']:>8.3f}{r['step_vs_lorsu']:>8.2f}x"
                          f"{r['step_cpu_s_median']:>8.3f}{r['cpu_vs_lorsu']:>8.2f}x"
                          f"{C.fmt_count(r['trainable_params']):>11}{C.fmt_bytes(r['adam_state_bytes']):>12}"
                          f"{C.fmt_bytes(r['grad_bytes']):>11}{C.fmt_bytes(r['mask_bytes']):>11}"
@@ -247,7 +259,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     ap = C.base_parser(__doc__)
     ap.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
-    ap.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    ap.add_argument("--methods", nargs="+", choices=[*METHODS, *FC1_GRAD_VARIANTS], default=list(METHODS),
+                    help="lorsu-sampled / lorsu-dense: LoRSU with the fc1 gradient path forced (default: by the "
+                         "measured crossover, lorsu_edge/sparse_grad.py)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--steps", type=int, default=5, help="timed steps per method")
     ap.add_argument("--warmup", type=int, default=2)

@@ -27,7 +27,8 @@ FORMAT = "lorsu-edge-adapter/1"
 
 
 def adapter_tensors(model: nn.Module, spec: EncoderSpec, cfg: MethodConfig) -> dict[str, torch.Tensor]:
-    """Trainable state by name: `<module path>.<indices|delta|rows|lora_A|lora_B|bias_delta>`.
+    """Trainable state by name: `<module path>.<indices|delta|rows|lora_A|lora_B|bias_delta>` (fc1 indices int32
+    since the sampled-gradient change; int64 ones from older adapters load the same).
 
     For `full` there are no wrappers: every tower tensor is stored as `<param name>.value`.
     """
@@ -38,8 +39,9 @@ def adapter_tensors(model: nn.Module, spec: EncoderSpec, cfg: MethodConfig) -> d
             if name.startswith(prefix):
                 out[f"{name}.value"] = p.detach()
     for path, m in adapter_modules(model).items():
-        for name, t in [*m.named_buffers(recurse=False), *m.named_parameters(recurse=False)]:
-            out[f"{path}.{name}"] = t.detach()
+        for name, t in m.state_dict().items():  # persistent state only: derived buffers are rebuilt on load
+            if not name.startswith("base."):
+                out[f"{path}.{name}"] = t
     return {k: v.contiguous().cpu() for k, v in out.items()}
 
 

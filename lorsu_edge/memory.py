@@ -137,7 +137,9 @@ class LiveBytes:
         from torch.utils._pytree import tree_flatten
 
         for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
+            if isinstance(t, torch.Tensor) and t.layout == torch.sparse_csr:
+                self._record([t.crow_indices(), t.col_indices(), t.values()])  # no storage of its own
+            elif isinstance(t, torch.Tensor):
                 storage = t.untyped_storage()
                 if storage not in self._seen:
                     nbytes = storage.nbytes()
