@@ -7,6 +7,9 @@ target gain and control change (mean and spread over seeds), writes JSON and a P
     python benchmarks/bench_quality.py                       # 5 sessions, 5 shots, 3 seeds, 4 methods
     python benchmarks/bench_quality.py --seeds 0 --sessions 3  # quicker
     python benchmarks/bench_quality.py --smoke               # tiny random CLIP + toy images (seconds)
+    python benchmarks/bench_quality.py --continual           # class-incremental targets x guard variants
+    python benchmarks/bench_quality.py --continual --targets digits --methods lorsu \
+        --variants unguarded-old scale+anchor --seeds 0       # one comparison (see benchmarks/README.md)
 
 Run it alone: it trains 60 sessions in the full setting.
 """
@@ -77,6 +80,10 @@ def plot(results: dict[str, list[dict]], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:
+        argv = sys.argv[1:]
+    if "--continual" in argv:
+        return continual_main([a for a in argv if a != "--continual"])
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", nargs="+", default=["lorsu", "lora", "spu", "full"])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
@@ -131,6 +138,81 @@ def _run(method, seed, args, root, smoke_model):
                        train=TrainConfig(epochs=args.epochs, batch_size=16, lr=args.lr[method]),
                        max_forgetting=1e9, seed=seed, export=False, show_progress=False)
     return run_demo(opts, make_data=_toy_data if smoke_model else real_data)
+
+
+def continual_main(argv: list[str]) -> int:
+    """Class-incremental targets (benchmarks/_continual.py) per method x guard variant, through `adapt`."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    import _continual as C
+
+    p = argparse.ArgumentParser(description=C.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--targets", nargs="+", default=["digits", "textile"])
+    p.add_argument("--methods", nargs="+", default=["lorsu", "spu", "lora", "full"])
+    p.add_argument("--variants", nargs="+", default=list(C.VARIANTS), choices=list(C.VARIANTS))
+    p.add_argument("--seeds", nargs="+", type=int, default=[0])
+    p.add_argument("--lr", type=float, default=3e-5)
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--shots", type=int, default=5)
+    p.add_argument("--eval-per-class", type=int, default=15)
+    p.add_argument("--control-per-class", type=int, default=20, help="animals per class in the control set")
+    p.add_argument("--smoke", action="store_true", help="tiny CLIP that knows colours + toy images")
+    p.add_argument("--out", type=Path, default=None, help="default: results/continual.json (_smoke with --smoke)")
+    args = p.parse_args(argv)
+    args.out = args.out or RESULTS / ("continual_smoke.json" if args.smoke else "continual.json")
+    runs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        model, control, anchor = _continual_world(args, root)
+        if args.smoke:
+            args.targets, args.shots, args.eval_per_class, args.epochs = ["toy"], 2, 2, 2
+        t0 = time.perf_counter()
+        for target in args.targets:
+            for seed in args.seeds:
+                nights, eval_dir = C.build_target(target, root / f"data-{target}-{seed}", args.shots,
+                                                  args.eval_per_class, seed)
+                data = {"nights": nights, "eval": eval_dir, "control": control, "anchor": anchor}
+                for method in args.methods:
+                    for name in args.variants:
+                        runs.append(C.run_one(target, method, C.VARIANTS[name], seed, args.lr, args.epochs, model,
+                                              data, root / "runs"))
+                        print(f"  {target} {method} {name} seed {seed} done ({time.perf_counter() - t0:.0f} s)",
+                              file=sys.stderr)
+    summary = C.summarise(runs)
+    print(f"{'target':8} {'method':6} {'variant':20} {'final':>12} {'night 1':>12} {'control':>12} "
+          f"{'acc/scaled/rej':>15} {'trainable':>11}")
+    for s in summary:
+        print(f"{s['target']:8} {s['method']:6} {s['variant']:20} {s['final_target'][0]:7.1f}±{s['final_target'][1]:<4} "
+              f"{s['night1_after_last'][0]:7.1f}±{s['night1_after_last'][1]:<4} {s['control_change'][0]:+7.1f}±"
+              f"{s['control_change'][1]:<4} {s['accepted']:>5}/{s['scaled']}/{s['rejected']:<5} {s['trainable_params']:>11,}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"settings": {k: v for k, v in vars(args).items() if k != "out"},
+                                    "summary": summary, "runs": runs}, indent=2, default=str))
+    C.plot(summary, args.out.with_suffix(".png"))
+    print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
+    return 0
+
+
+def _continual_world(args, root: Path) -> tuple[str, Path, Path]:
+    """(model, control folder, anchor folder): the default dual encoder with the demo's animal control and
+    anchor slice, or with --smoke a tiny CLIP that knows its colours with toy control and anchors."""
+    from lorsu_edge.demo import CONTROL_TEMPLATES, _write
+
+    if args.smoke:
+        from lorsu_edge.tiny import save_knowing_clip, write_toy_images
+
+        model = str(save_knowing_clip(root / "tiny-clip", ("red", "blue", "crimson", "navy", "green", "yellow")))
+        return (model, write_toy_images(root / "control", labels=("red", "blue"), per_class=3, seed=9),
+                write_toy_images(root / "anchor", labels=("red", "blue"), per_class=3, seed=19))
+    from lorsu_edge.demo import ANCHOR_IMAGES, anchor_indices, default_model, split_per_class
+    from lorsu_edge.zoo.datasets import animal_mnist_split, load_animal_mnist
+    from lorsu_edge.zoo.dual import DualBuildOptions
+
+    build = DualBuildOptions()
+    align, control_idx = animal_mnist_split(build.seed, build.align_per_class, build.control_per_class)
+    control = split_per_class(load_animal_mnist(control_idx), [args.control_per_class])[0]
+    anchors = load_animal_mnist(anchor_indices(align + control_idx, ANCHOR_IMAGES, 0))
+    return (str(default_model("dual")), _write(control, root / "control", CONTROL_TEMPLATES),
+            _write(anchors, root / "anchor", CONTROL_TEMPLATES))
 
 
 if __name__ == "__main__":

@@ -25,10 +25,13 @@ import torch
 
 from lorsu_edge import __version__
 from lorsu_edge.adapter import save_adapter
-from lorsu_edge.config import MethodConfig
+from lorsu_edge.anchor import anchored, read_anchor_images
+from lorsu_edge.config import ContinualConfig, MethodConfig
+from lorsu_edge.continual import known_classes, night_seed, remembered_anchor, replay_samples
 from lorsu_edge.distributed import (is_main, main_computes, open_workdir, rank_slice, rank_starts, setup,
                                      world_size)
 from lorsu_edge.errors import BadInputError, ExitCode, LorsuError
+from lorsu_edge.forgetting import UpdateScaler, Verdict, bounded_merge, dense_start
 from lorsu_edge.inject import freeze, inject, select_targets
 from lorsu_edge.integrity import fall_back_if_damaged
 from lorsu_edge.load import (Loaded, apply_encoder, config_role, load_model, load_vlm_tower_in_dual, read_config,
@@ -42,6 +45,7 @@ from lorsu_edge.plan import apply_checkpointing
 from lorsu_edge.retention import apply_retention, check_before_training
 from lorsu_edge.save_full import save_full
 from lorsu_edge.score import candidate_paths, compute_importance
+from lorsu_edge.replay import write_buffer
 from lorsu_edge.session import (ENCODER_FILE, REPORT_FILE, SAMPLES_FILE, Workdir, absolute_source, after_commit,
                                 graceful_sigterm)
 from lorsu_edge.track import record_night
@@ -75,6 +79,8 @@ class AdaptOptions:
     save_full: Path | None = None
     keep: int | None = None  # prune to the current + this many accepted encoders (None: the workdir's, else off)
     show_progress: bool = True
+    anchor: Path | None = None  # unlabeled images whose features the session must keep (None: the workdir's)
+    continual: ContinualConfig = field(default_factory=ContinualConfig)
     image_limits: ImageLimits = ImageLimits()  # per-image byte and pixel caps for every folder read
     allow_outside_data: bool = False  # accept manifest paths / links resolving outside their folder
     track: str | None = None  # MLflow tracking URI or "off" (None: the workdir's, see lorsu_edge/track.py)
@@ -82,7 +88,7 @@ class AdaptOptions:
 
 @dataclass
 class AdaptResult:
-    status: str  # "accepted", "rejected" or "nothing-new"
+    status: str  # "accepted" (report["guard"] == "scaled": at a fraction of its update), "rejected" or "nothing-new"
     session: str | None  # the session written (accepted or rejected); the current one for "nothing-new"
     report: dict[str, Any]
     message: str = ""
@@ -122,7 +128,7 @@ def with_absolute_paths(opts: AdaptOptions) -> AdaptOptions:
     a run from another directory finds the same folders and never mistakes `fx/model` for a hub id."""
     return replace(opts, model=absolute_source(opts.model), text_model=absolute_source(opts.text_model),
                    data=_folder(opts.data), control=_folder(opts.control), eval_data=_folder(opts.eval_data),
-                   save_full=_folder(opts.save_full))
+                   save_full=_folder(opts.save_full), anchor=_folder(opts.anchor))
 
 
 def load_for_loss(base: str, opts: AdaptOptions, device: torch.device) -> Loaded:
@@ -148,9 +154,14 @@ def plan_run(base: str, opts: AdaptOptions, loss: str, role: str, precision: str
     text_model = resolve_source(opts.text_model) if opts.text_model else None
     plan = make_plan(resolve_source(base), method_cfg=opts.method, loss=loss, batch_size=opts.train.batch_size,
                      budget_bytes=opts.budget, profile=opts.profile, dtype=precision, quantize=quantize,
-                     text_model=text_model, processes=world_size())  # data-parallel: per process
+                     text_model=text_model, processes=world_size(),  # data-parallel: per process
+                     anchors=opts.continual.anchor_samples if anchor_used(opts) else 0)
     check_fits(plan)
     return plan
+
+
+def anchor_used(opts: AdaptOptions) -> bool:
+    return opts.anchor is not None and opts.continual.anchor_weight > 0
 
 
 def apply_plan(opts: AdaptOptions, plan) -> AdaptOptions:
@@ -247,27 +258,43 @@ class _Progress:
         self.bar.close()
 
 
+@dataclass
+class NightInputs:
+    """What a session trains on beyond its new samples: class-aware labels, anchors, the judge."""
+
+    classes: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    anchors: list[Sample] = field(default_factory=list)
+    judge: Any = None  # (model, UpdateScaler) -> Verdict, called after training, before anything is saved
+
+
 def run_session(opts: AdaptOptions, loaded: Loaded, samples: list[Sample], partial: Path,
                 device: torch.device, loss: str, templates: tuple[str, ...] = (),
-                importance_groups: int = 1) -> dict[str, Any]:
-    """Score, select, inject, train and merge on `samples`; write adapter + encoder into `partial`."""
-    model, spec = loaded.model, loaded.spec
+                importance_groups: int = 1, night: NightInputs | None = None) -> dict[str, Any]:
+    """Score, select, inject, train, judge (and scale) and merge on `samples`; write adapter + encoder into
+    `partial`. The importance pass scores the task loss only (anchor.py says why)."""
+    model, spec, night = loaded.model, loaded.spec, night or NightInputs()
     precision = resolve_precision(opts.train.precision, device)
     autocast = autocast_factory(precision, device)
     objective = make_objective(loss, model, spec, loaded.processor, seed=opts.train.seed,
-                               templates=tuple(opts.templates) or templates or None)
+                               templates=tuple(opts.templates) or templates or None, classes=night.classes,
+                               class_weight=opts.continual.class_weight)
+    training = anchored(objective, spec, loaded.processor, model, night.anchors, opts.continual.anchor_weight,
+                        autocast)
     base_hash = tensors_hash(session_encoder(loaded))
     targets, counts = score_and_inject(loaded, objective, samples, opts, autocast, importance_groups)
+    start = dense_start(model, spec.tower) if opts.method.method == "full" else None
     n_steps = total_steps(samples, opts.train)
     bar = _Progress(n_steps, opts.show_progress)
     try:
-        result = train(model, lambda: training_steps(objective, samples, opts.train), n_steps, objective,
+        result = train(model, lambda: training_steps(training, samples, opts.train), n_steps, training,
                        opts.train, device, bar)
     finally:
         bar.close()
     fault_point("train")
+    verdict = night.judge(model, UpdateScaler(model, start)) if night.judge else None
+    alpha = verdict.alpha if verdict else 1.0
     meta = {"base_model": loaded.source, "base_encoder_sha256": base_hash, "lorsu_edge": __version__,
-            "blocks_used": spec.used_blocks, "blocks_total": len(spec.blocks)}
+            "blocks_used": spec.used_blocks, "blocks_total": len(spec.blocks), "alpha": alpha}
     save_adapter(partial, model, spec, opts.method, meta, target_meta(targets))
     unload(model)
     fault_point("merge")
@@ -279,7 +306,7 @@ def run_session(opts: AdaptOptions, loaded: Loaded, samples: list[Sample], parti
         "method": opts.method.method, "loss": loss, "precision": result.precision,
         "base_encoder_sha256": base_hash, "encoder_sha256": tensors_hash(encoder),
         **counts, "steps": result.steps, "loss_first": result.loss_first, "loss_last": result.loss_last,
-        "losses": result.losses, "train_seconds": result.seconds,
+        "losses": result.losses, "train_seconds": result.seconds, "alpha": alpha, "verdict": verdict,
     }
 
 
@@ -408,6 +435,40 @@ def base_control_score(wd: Workdir, loaded: Loaded, eval_sets: dict[str, SampleS
     return float(known[fingerprint])
 
 
+def night_inputs(opts: AdaptOptions, wd: Workdir, sample_set: SampleSet, replayed: list[Sample],
+                 eval_sets: dict[str, SampleSet], loss: str) -> NightInputs:
+    """The class-aware term's labels (contrastive loss only) and the anchor images (--anchor, resolved)."""
+    control = eval_sets.get("control")
+    classes = {}
+    if loss == "clip" and opts.continual.class_weight > 0:
+        templates = tuple(opts.templates) or sample_set.templates
+        classes = known_classes(wd, sample_set, replayed, control, templates)
+    anchors, anchor_dir = [], opts.anchor
+    if anchor_used(opts):
+        anchors = read_anchor_images(anchor_dir, opts.continual.anchor_samples)
+        judged = {s.sha256 for s in control.samples} if control else set()
+        if any(s.sha256 in judged for s in anchors):
+            raise BadInputError(f"anchor set {anchor_dir} shares images with the control set",
+                                hint="the control set must stay a held-out judge: use disjoint anchor images")
+    return NightInputs(classes, anchors)
+
+
+def make_judge(opts: AdaptOptions, loaded: Loaded, eval_sets: dict[str, SampleSet], before: dict[str, float],
+               fresh: list[Sample], device: torch.device, precision: str, base_score: float | None,
+               total_limit: float | None):
+    """The forgetting guard as run_session calls it: scores after training, scale search on a failure."""
+    from lorsu_edge.evaluate import evaluate
+
+    def own_accuracy() -> float:
+        return evaluate(loaded, fresh, autocast=autocast_factory(precision, device)).accuracy
+
+    def judge(model, scaler: UpdateScaler) -> Verdict:
+        return bounded_merge(model, scaler, lambda: score_sets(loaded, eval_sets, device, precision),
+                             lambda scores: guard(before, scores, opts.max_forgetting, base_score, total_limit),
+                             opts.continual.on_forgetting, before.get("target"), own_accuracy)
+    return judge
+
+
 def adapt(opts: AdaptOptions) -> AdaptResult:
     """Run one adaptation session on `opts.data` in `opts.workdir` (see module docstring).
 
@@ -458,6 +519,7 @@ def _adapt_locked(opts: AdaptOptions, wd: Workdir, start: float) -> AdaptResult:
             msg = f"{len(fresh)} new samples in {opts.data} (need {opts.min_new_samples}): nothing to do"
             return AdaptResult("nothing-new", wd.current(), {"new_samples": len(fresh)}, msg)
         eval_sets = load_eval_sets(opts, wd)
+        opts = replace(opts, anchor=remembered_anchor(wd, opts.anchor))
         device = pick_device(opts.device)
         precision = resolve_precision(opts.train.precision, device)  # refuse bad combinations before loading
         model_config = read_config(resolve_source(base))
@@ -465,6 +527,7 @@ def _adapt_locked(opts: AdaptOptions, wd: Workdir, start: float) -> AdaptResult:
         opts.method.check_heads(model_config, base)
         loss = opts.loss or default_loss(role)
         check_loss(loss, role, has_text_model=bool(opts.text_model))
+        opts = replace(opts, method=opts.method.for_loss(loss))
         plan = plan_run(base, opts, loss, role, precision)
         opts = apply_plan(opts, plan)
         if device.type == "cuda":
@@ -484,11 +547,20 @@ def _adapt_locked(opts: AdaptOptions, wd: Workdir, start: float) -> AdaptResult:
         if current is None and base_score is not None:  # the base was just scored: no second pass
             known["control"] = (set_fingerprint(eval_sets["control"]), base_score)
         before = score_sets(loaded, eval_sets, device, precision, known)
+        sid, seed_given = wd._next_id(), opts.train.seed
+        opts = replace(opts, train=replace(opts.train, seed=night_seed(seed_given, sid)))
+        buffer, replayed = replay_samples(wd.session_dir(current) if current else None, opts.continual.replay,
+                                          opts.train.seed)
+        night = night_inputs(opts, wd, sample_set, replayed, eval_sets, loss)
+        night.judge = make_judge(opts, loaded, eval_sets, before, fresh, device, precision, base_score, total_limit)
         with wd.staged_session() as partial:
-            body = run_session(opts, loaded, fresh, partial, device, loss, sample_set.templates,
-                               plan.importance_block_groups)
-            accepted, reason, scores = guard(before, score_sets(loaded, eval_sets, device, precision),
-                                             opts.max_forgetting, base_score, total_limit)
+            body = run_session(opts, loaded, fresh + replayed, partial, device, loss, sample_set.templates,
+                               plan.importance_block_groups, night)
+            verdict: Verdict = body.pop("verdict")
+            accepted, reason, scores = verdict.accepted, verdict.reason, verdict.fields
+            if accepted and opts.continual.replay:
+                write_buffer(partial, sid, buffer, wd.session_dir(current) if current else None, fresh,
+                             opts.continual.replay_capacity, loaded.processor)
             report = {
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "model": base,
                 "data": str(opts.data), "parent_session": current, "samples_used": len(fresh),
@@ -498,7 +570,9 @@ def _adapt_locked(opts: AdaptOptions, wd: Workdir, start: float) -> AdaptResult:
                 "train_config": vars(opts.train), "quantize": loaded.quantize, "notes": loaded.notes,
                 "device": str(device), "lorsu_edge": __version__, **body, **scores, **plan_fields(plan),
                 **{f"{n}_set_sha256": set_fingerprint(ss) for n, ss in eval_sets.items()},
-                "accepted": accepted, "reason": reason,
+                "accepted": accepted, "reason": reason, "guard": verdict.status,
+                "scale_search": [p.to_dict() for p in verdict.tried], "seed_given": seed_given,
+                "replayed": len(replayed), "anchors": len(night.anchors), "known_classes": len(night.classes),
                 "seconds": round(time.perf_counter() - start, 3), "peak_memory_bytes": peak_memory_bytes(device),
             }
             report.update({"fallback": fallback} if fallback else {})
@@ -506,6 +580,8 @@ def _adapt_locked(opts: AdaptOptions, wd: Workdir, start: float) -> AdaptResult:
             write_json(partial / SAMPLES_FILE, sorted(s.sha256 for s in fresh))
             fault_point("write")
             session = wd.commit_session(partial, accepted=accepted, reason=reason)
+        # a scaled session is an accepted one (tracking, fleet and exit codes see "accepted"); report.json's
+        # `guard` and `alpha` say how much of it was kept
         status = "accepted" if accepted else "rejected"
         with after_commit(session, accepted):  # a stop or full disk from here on reports the session
             if is_main():  # ranks > 0 only read the workdir

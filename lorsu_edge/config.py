@@ -6,7 +6,7 @@ lr 1e-5 for the CLIP loss, 5 epochs, batch 16. CLI help text is read from the fi
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from lorsu_edge.errors import BadInputError
@@ -28,6 +28,8 @@ class MethodConfig:
     rank: int = field(default=64, **_help("LoRA rank (lorsu, lora)"))
     alpha: float = field(default=64.0, **_help("LoRA alpha; the update is scaled by alpha / rank"))
     importance_samples: int = field(default=1000, **_help("samples used to score parameter importance"))
+    qkv_bias: bool | None = field(default=None, **_help(
+        "lorsu: train q/k/v biases too (default: yes with --loss clip, no with --loss ppl, as the research code)"))
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -42,6 +44,10 @@ class MethodConfig:
             raise ValueError(f"alpha must be > 0, got {self.alpha}")
         if self.importance_samples < 1:
             raise ValueError(f"importance_samples must be >= 1, got {self.importance_samples}")
+
+    def for_loss(self, loss: str) -> MethodConfig:
+        """This config with `qkv_bias` resolved: the research code's perplexity variant trains only fc1's bias."""
+        return self if self.qkv_bias is not None else replace(self, qkv_bias=loss != "ppl")
 
     @property
     def uses_fc1(self) -> bool:
@@ -60,6 +66,10 @@ class MethodConfig:
         """LoRSU trains fc1 and q/k/v biases densely (as the authors do); the baselines follow their papers."""
         return self.method == "lorsu"
 
+    @property
+    def train_qkv_biases(self) -> bool:
+        return self.train_biases and self.qkv_bias is not False
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -72,6 +82,41 @@ class MethodConfig:
             raise BadInputError(f"--top-k-heads {self.top_k_heads} is more than the {heads} attention heads per "
                                 f"block of {model}'s image tower",
                                 hint=f"pass --top-k-heads {heads} or less (0 trains no LoRA, fc1 entries only)")
+
+
+ON_FORGETTING = ("scale", "reject")
+
+
+@dataclass
+class ContinualConfig:
+    """What keeps night-after-night adaptation from forgetting (see README "Continual operation")."""
+
+    # off by default: on the demo, 0.5 with 100 anchors at weight 10 cut session 1's target gain from
+    # +29 to +2 points (README); the default is to be chosen with bench_quality.py --continual
+    class_weight: float = field(default=0.0, **_help(
+        "share of the class-aware term (each image scored against every label seen so far and the control "
+        "set's labels) beside the in-batch contrastive loss, which keeps 1 - this share; 0 (default) = off"))
+    anchor_weight: float = field(default=10.0, **_help(
+        "weight of the anchor distillation term (1 - cosine to the night-start model's embeddings of the "
+        "--anchor images); used only with an anchor set"))
+    anchor_samples: int = field(default=100, **_help("anchor images used per night (the first N, sorted)"))
+    replay: int = field(default=0, **_help(
+        "samples of earlier accepted nights mixed (class-balanced) into each night's scoring and training; "
+        "the workdir keeps a bounded copy of them; 0 = off"))
+    replay_capacity: int = field(default=500, **_help("most samples the workdir's replay buffer keeps"))
+    on_forgetting: str = field(default="scale", **_help(
+        "when a session breaks a forgetting limit: scale (keep the largest fraction alpha of the update that "
+        "passes, if it still improves the target) or reject"))
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.class_weight < 1.0:
+            raise ValueError(f"class_weight must be in [0, 1) (the in-batch loss always stays), got {self.class_weight}")
+        if self.anchor_weight < 0:
+            raise ValueError(f"anchor_weight must be >= 0, got {self.anchor_weight}")
+        if self.anchor_samples < 1 or self.replay < 0 or self.replay_capacity < 1:
+            raise ValueError("anchor_samples and replay_capacity must be >= 1 and replay >= 0")
+        if self.on_forgetting not in ON_FORGETTING:
+            raise ValueError(f"on_forgetting must be one of {', '.join(ON_FORGETTING)}, got {self.on_forgetting!r}")
 
 
 def field_help(cls: type, name: str) -> str:

@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 TARGET_TEMPLATES = ("a photo of {label} fabric", "a close-up photo of {label} fabric")
 CONTROL_TEMPLATES = ("a photo of a {label}",)
 SUMMARY_FILE = "demo.json"
+ANCHOR_IMAGES = 100  # animals distilled every session (adapt --anchor): what the model must keep
 PLOT_FILE = "demo.png"
 
 
@@ -112,6 +113,9 @@ class DemoData:
     sessions: list[Path]
     target_eval: Path
     control: Path
+    # images of what the model must keep, disjoint from the control set: written for `adapt --anchor`, not
+    # distilled by the demo itself until the anchor weight is chosen by measurement (README)
+    anchor: Path | None = None
 
 
 Items = list[tuple[Any, str]]
@@ -152,11 +156,21 @@ def real_data(opts: DemoOptions, root: Path) -> DemoData:
     textile = load_textile(per_class=sum(sizes), seed=opts.seed)
     *session_items, eval_items = split_per_class(textile, sizes)
     build = DualBuildOptions()
-    _, control_idx = animal_mnist_split(build.seed, build.align_per_class, build.control_per_class)
+    align_idx, control_idx = animal_mnist_split(build.seed, build.align_per_class, build.control_per_class)
     control = split_per_class(load_animal_mnist(control_idx), [opts.control_per_class])[0]
+    anchors = load_animal_mnist(anchor_indices(align_idx + control_idx, ANCHOR_IMAGES, opts.seed))
     return DemoData([_write(items, root / f"session-{i + 1}", TARGET_TEMPLATES) for i, items in enumerate(session_items)],
                     _write(eval_items, root / "target-eval", TARGET_TEMPLATES),
-                    _write(control, root / "control", CONTROL_TEMPLATES))
+                    _write(control, root / "control", CONTROL_TEMPLATES),
+                    _write(anchors, root / "anchor", CONTROL_TEMPLATES))
+
+
+def anchor_indices(seen: list[int], n: int, seed: int) -> list[int]:
+    """`n` animal-mnist images outside the default model's alignment data and the whole control split
+    (pixel duplicates of those removed too), so the control set stays a held-out judge."""
+    from lorsu_edge.zoo.datasets import animal_mnist_unused
+
+    return animal_mnist_unused(seen, seed)[:n]
 
 
 def negative_vqa(items: Items, questions: tuple[str, ...], seed: int) -> list[tuple[Any, str, str]]:
@@ -243,7 +257,7 @@ def run_demo(opts: DemoOptions, make_data: Callable[[DemoOptions, Path], DemoDat
             train=TrainConfig(**{**asdict(opts.train), "seed": opts.seed + i}), control=data.control,
             eval_data=data.target_eval, max_forgetting=opts.max_forgetting, show_progress=opts.show_progress))
         r = result.report
-        rows.append({"session": i + 1, "status": result.status,
+        rows.append({"session": i + 1, "status": r.get("guard", result.status), "alpha": r.get("alpha", 1.0),
                      "target": r["target_accuracy"], "control": r["control_accuracy"],
                      "trainable_params": r["trainable_params"], "seconds": r["seconds"], "reason": r["reason"]})
     summary = {"model": model, "kind": opts.kind, "target": opts.protocol.target,
@@ -280,8 +294,9 @@ def plot(rows: list[dict[str, Any]], path: Path, protocol: Protocol = PROTOCOLS[
     ax.plot(xs, [100 * r["target"] for r in rows], "o-", label=f"target ({protocol.target}, held out)")
     ax.plot(xs, [100 * r["control"] for r in rows], "s-", label=f"control ({protocol.control}, held out)")
     for x, r in zip(xs, rows):
-        if r["status"] == "rejected":
-            ax.annotate("rejected", (x, 100 * r["target"]), textcoords="offset points", xytext=(0, 8), ha="center")
+        if r["status"] in ("rejected", "scaled"):
+            note = "rejected" if r["status"] == "rejected" else f"scaled x{r['alpha']:g}"
+            ax.annotate(note, (x, 100 * r["target"]), textcoords="offset points", xytext=(0, 8), ha="center")
     ax.set_xticks(xs, ["base"] + [f"S{i}" for i in xs[1:]])
     ax.set_ylabel("accuracy (%)")
     ax.set_ylim(0, 100)

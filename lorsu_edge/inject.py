@@ -92,7 +92,7 @@ def inject(model: nn.Module, targets: list[Target], cfg: MethodConfig) -> None:
             wrapper = SparseDeltaLinear(base, t.index, train_bias=cfg.train_biases)
         else:
             wrapper = HeadLoRALinear(base, t.index, cfg.rank, cfg.alpha, parts=t.parts,
-                                     train_bias=cfg.train_biases)
+                                     train_bias=cfg.train_qkv_biases)
         replace_module(model, t.path, wrapper)
 
 

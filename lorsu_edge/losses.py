@@ -31,6 +31,7 @@ class Batch:
     inputs: dict[str, torch.Tensor]
     size: int
     groups: torch.Tensor | None = None  # samples sharing a caption are positives of each other
+    class_ids: torch.Tensor | None = None  # row of each sample's label among the known classes (-1: none)
 
 
 def default_loss(role: str) -> str:
@@ -66,9 +67,15 @@ class ContrastiveObjective:
     """
 
     def __init__(self, model: nn.Module, spec: EncoderSpec, processor: Any,
-                 templates: tuple[str, ...] = DEFAULT_TEMPLATES, seed: int = 0) -> None:
+                 templates: tuple[str, ...] = DEFAULT_TEMPLATES, seed: int = 0,
+                 classes: dict[str, tuple[str, ...]] | None = None, class_weight: float = 0.0) -> None:
         self.model, self.spec, self.processor = model, spec, processor
         self.templates = templates
+        # Class-aware term: every known label (name -> its caption templates) is a row of a zero-shot classifier.
+        self.classes = dict(classes or {}) if class_weight > 0 else {}
+        self.class_rows = {label: i for i, label in enumerate(self.classes)}
+        self.class_weight = class_weight
+        self._prototypes: torch.Tensor | None = None
         self.rng = random.Random(seed)
         self.sigmoid = hasattr(model, "logit_bias")
         self._text_cache: dict[str, torch.Tensor] = {}
@@ -85,8 +92,20 @@ class ContrastiveObjective:
     def make_batch(self, samples: list[Sample]) -> Batch:
         captions, keys = zip(*(self.caption(s) for s in samples))
         group_ids = {k: i for i, k in enumerate(dict.fromkeys(keys))}
+        class_ids = None
+        if self.classes:
+            class_ids = torch.tensor([-1 if s.is_vqa else self.class_rows.get(s.label, -1) for s in samples])
         return Batch({"pixel_values": _images(self.processor, samples), "captions": list(captions)},
-                     len(samples), torch.tensor([group_ids[k] for k in keys]))
+                     len(samples), torch.tensor([group_ids[k] for k in keys]), class_ids)
+
+    def prototypes(self) -> torch.Tensor:
+        """One unit vector per known class: the normalised mean of its templates' caption embeddings
+        (the same prompt ensemble the zero-shot evaluation uses), embedded once per session."""
+        if self._prototypes is None:
+            rows = [F.normalize(self.text_features([t.format(label=label) for t in templates]), dim=-1).mean(0)
+                    for label, templates in self.classes.items()]
+            self._prototypes = F.normalize(torch.stack(rows), dim=-1)
+        return self._prototypes
 
     @torch.no_grad()
     def text_features(self, captions: list[str]) -> torch.Tensor:
@@ -103,7 +122,25 @@ class ContrastiveObjective:
         img = image_features(model, self.spec, batch.inputs["pixel_values"])
         txt = self.text_features(batch.inputs["captions"])
         bias = self.model.logit_bias if self.sigmoid else None
-        return contrastive_loss(img, txt, self.model.logit_scale.exp(), batch.groups, bias)
+        scale = self.model.logit_scale.exp()
+        loss = contrastive_loss(img, txt, scale, batch.groups, bias)
+        if batch.class_ids is None or not (batch.class_ids >= 0).any():
+            return loss
+        known = class_aware_loss(img, self.prototypes(), scale, batch.class_ids)
+        return (1 - self.class_weight) * loss + self.class_weight * known
+
+
+def class_aware_loss(img: torch.Tensor, prototypes: torch.Tensor, scale: torch.Tensor,
+                     class_ids: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of each image against every known class (rows of `prototypes`, unit vectors).
+
+    The in-batch loss of a session with two classes sees one negative caption; this term also pushes the
+    new images away from every label seen before (and the control set's), so a night cannot pull the
+    whole embedding space towards its own captions. Samples with class id -1 (VQA) are left out.
+    """
+    rows = class_ids >= 0
+    logits = F.normalize(img[rows].float(), dim=-1) @ prototypes.t() * scale.float()
+    return F.cross_entropy(logits, class_ids[rows])
 
 
 def contrastive_loss(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, groups: torch.Tensor | None = None,
@@ -203,7 +240,9 @@ def answer_token_loss(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torc
 
 
 def make_objective(loss: str, model: nn.Module, spec: EncoderSpec, processor: Any, seed: int = 0,
-                   templates: tuple[str, ...] | None = None):
+                   templates: tuple[str, ...] | None = None, classes: dict[str, tuple[str, ...]] | None = None,
+                   class_weight: float = 0.0):
+    """The session's loss; `classes` + `class_weight` add the class-aware term (contrastive loss only)."""
     if loss == "ppl":
         return PerplexityObjective(model, spec, processor)
-    return ContrastiveObjective(model, spec, processor, templates or DEFAULT_TEMPLATES, seed)
+    return ContrastiveObjective(model, spec, processor, templates or DEFAULT_TEMPLATES, seed, classes, class_weight)

@@ -150,6 +150,43 @@ def write_toy_images(dest: Path, labels: tuple[str, ...] = ("red", "blue"), per_
     return dest
 
 
+def save_knowing_clip(dest: Path, labels: tuple[str, ...] = ("red", "blue", "green", "yellow"),
+                      steps: int = 40) -> Path:
+    """A tiny CLIP that knows `labels` as colour patches (see `write_toy_images`): forgetting tests need a
+    model with something to forget.
+
+    `save_tiny("clip")`'s text config names an end token its byte tokenizer lacks, so every caption pools
+    the same position and all captions embed alike; here the config points at the tokenizer's own end
+    token, then `steps` full-model contrastive steps align both towers on the labels.
+    """
+    import tempfile
+
+    from transformers import CLIPModel, CLIPProcessor
+
+    from lorsu_edge.losses import contrastive_loss
+    from lorsu_edge.samples import load_image, read_samples
+
+    save_tiny("clip", dest)
+    proc = CLIPProcessor.from_pretrained(dest)
+    config = CLIPModel.config_class.from_pretrained(dest)
+    config.text_config.eos_token_id = proc.tokenizer.eos_token_id
+    model = CLIPModel.from_pretrained(dest, config=config)
+    with tempfile.TemporaryDirectory() as tmp:
+        data = read_samples(write_toy_images(Path(tmp), labels=labels, per_class=8, seed=7)).samples
+        pixels = proc.image_processor([load_image(s.path) for s in data], return_tensors="pt")["pixel_values"]
+    tokens = proc.tokenizer([f"a photo of a {s.label}." for s in data], padding=True, return_tensors="pt")
+    groups = torch.tensor([labels.index(s.label) for s in data])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for _ in range(steps):
+        loss = contrastive_loss(model.get_image_features(pixel_values=pixels), model.get_text_features(**tokens),
+                                model.logit_scale.exp(), groups)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval().save_pretrained(dest)
+    return dest
+
+
 def write_gray_png(path: Path, side: int, depth: int = 16) -> Path:
     """A real mid-gray grayscale PNG of side x side pixels at `depth` bits (1, 8 or 16), written row by row with
     zlib so it is never held in memory: a cheap hostile input (12000 px at 16 bits: 300 KB declaring 144 MP)."""

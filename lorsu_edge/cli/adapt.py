@@ -8,12 +8,12 @@ from typing import Annotated
 
 import typer
 
-from lorsu_edge.cli.choices import Loss, Method, Quantize, TrainPrecision, check_device
+from lorsu_edge.cli.choices import Loss, Method, OnForgetting, Quantize, TrainPrecision, check_device
 from lorsu_edge.cli.errors import handle_errors
 from lorsu_edge.cli.inbox import (DEFAULT_MAX_MEGAPIXELS, DEFAULT_MAX_SIZE, AllowOutsideData, MaxImageMegapixels,
                                   MaxImageSize, image_limits)
 from lorsu_edge.cli.prune import KEEP_HELP
-from lorsu_edge.config import MethodConfig, field_help
+from lorsu_edge.config import ContinualConfig, MethodConfig, field_help
 from lorsu_edge.budget import SIZE_HELP, parse_size
 from lorsu_edge.distributed import is_main, shutdown
 from lorsu_edge.errors import BadInputError, ExitCode
@@ -30,7 +30,14 @@ def _t(name: str) -> str:
     return field_help(TrainConfig, name)
 
 
-JSON_FIELDS = ("reason", "trainable_params", "loss_first", "loss_last", "target_accuracy_before", "target_accuracy",
+def _c(name: str) -> str:
+    return field_help(ContinualConfig, name)
+
+
+_C = ContinualConfig()
+
+
+JSON_FIELDS = ("reason", "guard", "alpha", "trainable_params", "loss_first", "loss_last", "target_accuracy_before", "target_accuracy",
                "control_accuracy_before", "control_accuracy", "seconds", "peak_memory_bytes")
 
 
@@ -55,6 +62,7 @@ def command(
     rank: Annotated[int, typer.Option(help=_m("rank"))] = 64,
     alpha: Annotated[float, typer.Option(help=_m("alpha"))] = 64.0,
     importance_samples: Annotated[int, typer.Option(help=_m("importance_samples"))] = 1000,
+    qkv_bias: Annotated[bool | None, typer.Option("--qkv-bias/--no-qkv-bias", help=_m("qkv_bias"))] = None,
     epochs: Annotated[int, typer.Option(help=_t("epochs"))] = 5,
     batch_size: Annotated[int, typer.Option(help=_t("batch_size"))] = 16,
     lr: Annotated[float, typer.Option(help=_t("lr"))] = 1e-5,
@@ -72,6 +80,14 @@ def command(
     max_total_forgetting: Annotated[float | None, typer.Option(
         help="also reject it if control accuracy ends more than this many points below the base model's "
              "(bounds drift over many sessions; the workdir remembers it; off by default)")] = None,
+    on_forgetting: Annotated[OnForgetting, typer.Option(help=_c("on_forgetting"))] = _C.on_forgetting,
+    anchor: Annotated[Path | None, typer.Option(help="folder of unlabeled images of what the model must keep "
+                                                     "(not the control set); the workdir remembers it")] = None,
+    anchor_weight: Annotated[float, typer.Option(help=_c("anchor_weight"))] = _C.anchor_weight,
+    anchor_samples: Annotated[int, typer.Option(help=_c("anchor_samples"))] = _C.anchor_samples,
+    class_weight: Annotated[float, typer.Option(help=_c("class_weight"))] = _C.class_weight,
+    replay: Annotated[int, typer.Option(help=_c("replay"))] = _C.replay,
+    replay_capacity: Annotated[int, typer.Option(help=_c("replay_capacity"))] = _C.replay_capacity,
     min_new_samples: Annotated[int, typer.Option(help="do nothing (exit 0) with fewer new samples than this")] = 1,
     save_full: Annotated[Path | None, typer.Option(help="also write a complete model folder here "
                                                         "(loads with the family's from_pretrained)")] = None,
@@ -94,11 +110,13 @@ def command(
             data=data, workdir=workdir, model=model, loss=loss, text_model=text_model,
             templates=check_templates(tuple(template or ()), "--template"), quantize=quantize, device=device,
             budget=parse_size(budget) if budget else None, profile=profile,
-            method=MethodConfig(method, sparsity, top_k_heads, rank, alpha, importance_samples),
+            method=MethodConfig(method, sparsity, top_k_heads, rank, alpha, importance_samples, qkv_bias),
             train=TrainConfig(epochs, batch_size, None, lr, weight_decay, warmup_ratio, max_grad_norm,
                               precision, seed),
             min_new_samples=min_new_samples, control=control, eval_data=eval_data, max_forgetting=max_forgetting,
             max_total_forgetting=max_total_forgetting, save_full=save_full, keep=keep, show_progress=progress,
+            anchor=anchor, continual=ContinualConfig(class_weight, anchor_weight, anchor_samples, replay,
+                                                     replay_capacity, on_forgetting),
             image_limits=image_limits(max_image_size, max_image_megapixels), allow_outside_data=allow_outside_data,
             track=check_track(track),
         )

@@ -12,9 +12,10 @@ from typing import Literal
 
 import typer
 
-from lorsu_edge.config import METHODS
+from lorsu_edge.config import METHODS, ON_FORGETTING
 
 Method = Literal[METHODS]  # type: ignore[valid-type]
+OnForgetting = Literal[ON_FORGETTING]  # type: ignore[valid-type]
 Loss = Literal["clip", "ppl"]
 Quantize = Literal["auto", "4bit", "8bit", "none"]
 TrainPrecision = Literal["auto", "bf16", "fp16", "fp32"]

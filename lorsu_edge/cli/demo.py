@@ -61,6 +61,7 @@ def print_table(summary: dict) -> None:
     for col in cols:
         table.add_column(col, justify="left" if col == "status" else "right")
     for r in summary["rows"]:
-        table.add_row(str(r["session"]), f"{100 * r['target']:.1f}%", f"{100 * r['control']:.1f}%", r["status"],
+        status = f"scaled (alpha {r['alpha']:g})" if r["status"] == "scaled" else r["status"]
+        table.add_row(str(r["session"]), f"{100 * r['target']:.1f}%", f"{100 * r['control']:.1f}%", status,
                       f"{r['trainable_params']:,}", f"{r['seconds']:.0f}")
     Console().print(table)

@@ -69,6 +69,8 @@ def format_row(row: dict[str, Any]) -> list[str]:
     status = row.get("status", MISSING)
     if status == "rejected" and row.get("reason"):
         status = f"rejected: {row['reason']}"
+    elif status == "accepted" and row.get("guard") == "scaled":  # kept at a fraction of its update
+        status = f"scaled: alpha {_number(row.get('alpha'), '{:g}')}"
     return [
         f"{row.get('id', MISSING)}{'*' if row.get('current') else ''}",
         _time(row.get("created") or row.get("committed")),

@@ -24,7 +24,8 @@ DTYPE_CHOICES = ("auto", "bf16", "fp16", "fp32")
 def make_plan(model_dir_or_config: Any, *, method_cfg: MethodConfig | None = None, loss: str = "clip",
               batch_size: int = 16, budget_bytes: int | None = None, profile: Profile | str | Path | None = None,
               dtype: str = "auto", quantize: str = "auto", text_model: Any = None,
-              text_tokens: int = TEXT_TOKENS, image_size: int | None = None, processes: int = 1) -> Plan:
+              text_tokens: int = TEXT_TOKENS, image_size: int | None = None, processes: int = 1,
+              anchors: int = 0) -> Plan:
     """Predict every phase's peak and choose micro-batch, accumulation, checkpointing, quantization and
     importance block groups so that all fit in min(budget_bytes, profile total - reserve).
 
@@ -46,14 +47,15 @@ def make_plan(model_dir_or_config: Any, *, method_cfg: MethodConfig | None = Non
     prof = resolve_profile(profile)
     dt = resolve_dtype(dtype, prof)
     arch = describe(model_dir_or_config, loss, text_model, text_tokens, image_size)
-    plan = _plan_for(arch, method_cfg, loss, -(-batch_size // processes), budget_bytes, prof, dt, quantize)
+    plan = _plan_for(arch, method_cfg, loss, -(-batch_size // processes), budget_bytes, prof, dt, quantize,
+                     anchors)
     plan.processes = processes
     return plan
 
 
-def _plan_for(arch: Arch, method_cfg, loss, batch_size, budget_bytes, prof, dt, quantize) -> Plan:
+def _plan_for(arch: Arch, method_cfg, loss, batch_size, budget_bytes, prof, dt, quantize, anchors: int = 0) -> Plan:
     budget = prof.available if budget_bytes is None else min(budget_bytes, prof.available)
-    ctx = Context(arch, method_cfg, dt, prof, batch_size, budget)
+    ctx = Context(arch, method_cfg, dt, prof, batch_size, budget, anchors)
     s, phases, smallest = choose_settings(ctx, quantize)
     peak = peak_phase(phases)
     fits = peak.peak <= budget

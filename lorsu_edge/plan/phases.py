@@ -80,6 +80,7 @@ class Context:
     profile: Profile
     batch_size: int
     budget: int
+    anchors: int = 0  # anchor images distilled per night (adapt --anchor): one more image forward per step
 
 
 def all_phases(ctx: Context, s: Settings) -> list[Phase]:
@@ -134,7 +135,10 @@ def _train_phase(ctx: Context, s: Settings) -> Phase:
     a = ctx.arch
     size = adapter_size(a, ctx.method)
     grads = size.trainable * 4 * (2 if s.grad_accum > 1 else 1)  # accumulated grads live across micro-batches
-    acts = activation_bytes(a, "train", ctx.method, ctx.dtype, s.micro_batch, s.checkpointing)
+    # anchors: each micro-batch also runs as many anchor images through the tower, in the same graph;
+    # counted as a micro-batch twice the size (an upper bound for a VLM, whose anchor pass skips the LLM)
+    per_step = s.micro_batch * (2 if ctx.anchors else 1)
+    acts = activation_bytes(a, "train", ctx.method, ctx.dtype, per_step, s.checkpointing)
     if a.llm_layers and s.quantize != "none":
         acts += a.largest_llm_linear * LLM_BYTES
     accumulated = ", accumulated" if s.grad_accum > 1 else ""
@@ -145,8 +149,26 @@ def _train_phase(ctx: Context, s: Settings) -> Phase:
              Component("optimizer state", size.trainable * 8, "AdamW: 2 fp32 moments per trainable entry"),
              # the optimizer step's temporaries (about one gradient's size) replace the activations
              Component("activations + workspace", max(acts, size.trainable * 4),
-                       f"micro-batch {s.micro_batch} x {s.grad_accum}{', checkpointed' if s.checkpointing else ''}")]
+                       f"micro-batch {s.micro_batch} x {s.grad_accum}{', checkpointed' if s.checkpointing else ''}"
+                       f"{' + as many anchor images' if ctx.anchors else ''}"),
+             *_continual(ctx, size.trainable, "train")]
     return _finish(ctx, "train", comps)
+
+
+def _continual(ctx: Context, trainable: int, phase: str) -> list[Component]:
+    """Anchor features (night-start model, fp32) and the forgetting-bounded merge's copies of the update:
+    the trained values (to rescale from), and for `full` the tower as it was before training."""
+    a, comps = ctx.arch, []
+    if ctx.anchors:
+        per_image = a.vision_width * (a.vision_tokens if a.role == "vlm" and a.loss == "ppl" else 1)
+        comps.append(Component("anchor features", ctx.anchors * per_image * 4,
+                               f"{ctx.anchors} anchors, fp32 (at most {per_image:,} values each)"))
+    full = a.encoder * 4 if ctx.method.method == "full" else 0
+    copies = full + (trainable * 4 if phase == "merge" else 0)
+    if copies:
+        comps.append(Component("scale-search copies", copies, "the update before scaling" +
+                               (" + the tower before training" if full else "")))
+    return comps
 
 
 def _merge_phase(ctx: Context, s: Settings) -> Phase:
@@ -155,7 +177,8 @@ def _merge_phase(ctx: Context, s: Settings) -> Phase:
     comps = [_runtime(ctx), *_weights(ctx, s.quantize),
              Component("adapter state", size.trainable * 4 + size.index_bytes, "until every wrapper is merged"),
              Component("merge originals", size.touched * 4 + size.largest_touched * 8,
-                       "fp32 originals of every touched entry (kept for unmerge) + one layer's index list")]
+                       "fp32 originals of every touched entry (kept for unmerge) + one layer's index list"),
+             *_continual(ctx, size.trainable, "merge")]
     if ctx.profile.device == "cuda":
         comps.append(Component("session write", a.encoder * 4, "host copy of the merged encoder", host=True))
     return _finish(ctx, "merge", comps)
