@@ -97,7 +97,9 @@ class _Mergeable(nn.Module):
         if base.bias is not None:
             base.bias.requires_grad_(False)
         has_bias = train_bias and base.bias is not None
-        self.bias_delta = nn.Parameter(torch.zeros(base.out_features)) if has_bias else None
+        self.bias_delta = nn.Parameter(torch.zeros(base.out_features, device=base.weight.device)) if has_bias else None
+        if self.bias_delta is not None:
+            self.bias_delta._no_decay = True  # train.make_optimizer: biases are not decayed (as in PEFT/HF)
         self.merged = False
         self._saved: tuple[torch.Tensor, torch.Tensor | None] | None = None
 

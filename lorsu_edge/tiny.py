@@ -105,6 +105,9 @@ def save_tiny(kind: str, dest: Path, seed: int = 0) -> Path:
     if kind == "clip":
         tokenizer = _clip_tokenizer(dest)
         model = tiny_model(kind, seed, vocab_size=len(tokenizer))
+        # CLIP pools the text at the first eos; with the config's default id (49407, absent from this
+        # vocabulary) it pooled position 0, and every caption got the same embedding.
+        model.config.text_config.eos_token_id = tokenizer.eos_token_id
         proc = tf.CLIPProcessor(image_processor=_image_processor(kind), tokenizer=tokenizer)
     elif kind == "llava":
         tokenizer = _bpe_tokenizer(["<image>"])

@@ -93,7 +93,10 @@ def cosine_with_warmup(total_steps: int, warmup_ratio: float) -> Callable[[int],
 
 
 def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.AdamW:
-    """Decay the update tensors (deltas, LoRA factors: decay pulls them toward the base), not biases."""
+    """Decay the update tensors (deltas, LoRA factors: decay pulls them toward the base), not biases.
+
+    Bias deltas are 1-D like the sparse deltas, so they are told apart by the `_no_decay` mark the layers set.
+    """
     decay = [p for p in params if p.ndim >= 1 and p.numel() > 1 and not getattr(p, "_no_decay", False)]
     no_decay = [p for p in params if all(p is not q for q in decay)]
     return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},

@@ -13,4 +13,4 @@ cat constraints-tf5.txt >> .venv-tf5/constraints.txt
 pip install -q -c .venv-tf5/constraints.txt -e ".[quant]" pytest
 python -m pytest -q -m "not realweights" tests/test_select.py tests/test_core.py tests/test_load.py \
   tests/test_adapt_cli.py tests/test_export.py tests/test_budget.py tests/test_profiles.py tests/test_plan.py \
-  tests/test_losses.py
+  tests/test_losses.py tests/test_families.py tests/test_layers.py tests/test_layers_sparse.py tests/test_train.py

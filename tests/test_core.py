@@ -1,5 +1,6 @@
 """The LoRSU core on every wired family: score -> select -> inject -> train -> merge, and its invariants."""
 
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -207,7 +208,9 @@ def test_unsupported_model_names_what_it_found():
         find_encoder(bert)
 
 
-def test_sparse_layer_under_bf16_autocast_trains_fp32_values():
+def test_bf16_autocast_gives_the_fp32_gradients_in_fp32():
+    """Under bf16 autocast the trainables' gradients are fp32 and equal the fp32 run's to bf16 precision.
+    Catches a backward that computes in the wrong dtype or loses a cast (wrong values), not only a wrong dtype."""
     cfg = MethodConfig(method="lorsu", sparsity=0.1, top_k_heads=1, rank=2, alpha=2)
     model = tiny_model("clip")
     spec = find_encoder(model)
@@ -215,9 +218,23 @@ def test_sparse_layer_under_bf16_autocast_trains_fp32_values():
     grads, _ = compute_importance(model, candidate_paths(spec), [(_pixels(2), 2)], loss_fn, 10)
     inject(model, select_targets(spec, cfg, grads), cfg)
     freeze(model, spec, cfg)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = loss_fn(model, _pixels(2))
-    loss.backward()
-    for m in adapter_modules(model).values():
-        for p in m.parameters(recurse=False):
-            assert p.dtype == torch.float32 and p.grad is not None and p.grad.dtype == torch.float32
+    with torch.no_grad():  # B = 0 at init would leave every lora_A gradient at exactly 0
+        for m in adapter_modules(model).values():
+            if hasattr(m, "lora_B"):
+                m.lora_B.normal_(std=0.5, generator=torch.Generator().manual_seed(0))
+    runs = []
+    for autocast in (nullcontext(), torch.autocast("cpu", dtype=torch.bfloat16)):
+        model.zero_grad(set_to_none=True)
+        with autocast:
+            loss = loss_fn(model, _pixels(2))
+        loss.backward()
+        runs.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    fp32, bf16 = runs
+    assert set(fp32) == set(bf16) and len(fp32) > 0
+    # k's bias shifts every logit of a query row equally: softmax ignores it, its true gradient is 0
+    checked = [n for n, ref in fp32.items() if ref.norm() > 1e-6]
+    assert all(n.endswith("k_proj.bias_delta") for n in set(fp32) - set(checked))
+    for name in checked:
+        assert bf16[name].dtype == torch.float32, name
+        rel = (bf16[name] - fp32[name]).norm() / fp32[name].norm()
+        assert rel < 0.05, f"{name}: bf16 gradient off by {rel:.3f} of its norm"

@@ -18,17 +18,34 @@ def toy_data(opts: DemoOptions, root) -> DemoData:
                     write_toy_images(root / "control", labels=("green", "yellow"), per_class=2, seed=60))
 
 
+def assert_guarded(rows: list[dict], max_forgetting: float, eval_sizes: tuple[int, int]) -> str | None:
+    """Each row is accepted iff its control accuracy fell at most `max_forgetting` points below the current
+    model's (the last accepted row's, or the base's); accuracies are counts over the eval sets. Returns the
+    last accepted session (what is exported) or None."""
+    current, last = rows[0]["control"], None
+    for r in rows:
+        for key, n in zip(("target", "control"), eval_sizes):
+            assert r[key] * n == pytest.approx(round(r[key] * n)), f"{key} {r[key]} is not a count out of {n}"
+    for r in rows[1:]:
+        fell = 100 * (current - r["control"])
+        assert r["status"] == ("accepted" if fell <= max_forgetting + 1e-9 else "rejected"), (r, current)
+        if r["status"] == "accepted":
+            current, last = r["control"], f"{r['session']:04d}"
+    return last
+
+
 def test_demo_pipeline_on_a_tiny_model(tmp_path):
+    """Catches a guard that compares with the wrong model (base, or the last rejected session), a wrong
+    accuracy denominator and an export of anything but the last accepted session."""
     model = save_tiny("clip", tmp_path / "clip")
-    opts = DemoOptions(workdir=tmp_path / "demo", model=str(model), sessions=2, shots=2, eval_per_class=2,
-                       method=MethodConfig(rank=4, alpha=4), train=TrainConfig(epochs=2, batch_size=4, lr=1e-3),
-                       max_forgetting=100, show_progress=False)
+    opts = DemoOptions(workdir=tmp_path / "demo", model=str(model), sessions=3, shots=2, eval_per_class=2,
+                       method=MethodConfig(rank=4, alpha=4), train=TrainConfig(epochs=2, batch_size=4, lr=3e-2),
+                       max_forgetting=0, show_progress=False)  # 4.57: accepted, accepted at +0 points, rejected
     summary = run_demo(opts, make_data=toy_data)
     rows = summary["rows"]
-    assert [r["session"] for r in rows] == ["base", 1, 2]
-    assert all(0.0 <= r["target"] <= 1.0 and 0.0 <= r["control"] <= 1.0 for r in rows)
-    assert all(r["status"] == "accepted" for r in rows[1:])
-    assert summary["export"]["session"] == "0002" and summary["export"]["max_abs_diff"] < 1e-3
+    assert [r["session"] for r in rows] == ["base", 1, 2, 3]
+    exported = assert_guarded(rows, opts.max_forgetting, (2 * opts.eval_per_class, 2 * 2))
+    assert summary["export"]["session"] == exported and summary["export"]["max_abs_diff"] < 1e-3
     assert (tmp_path / "demo" / PLOT_FILE).read_bytes()[:4] == b"\x89PNG"
     assert json.loads((tmp_path / "demo" / SUMMARY_FILE).read_text())["rows"] == rows
     with pytest.raises(BadInputError, match="already holds"):
@@ -122,9 +139,10 @@ def toy_vqa_data(opts: DemoOptions, root) -> DemoData:
 def test_vlm_demo_pipeline_trains_with_the_perplexity_loss(tmp_path):
     model = save_tiny("llava", tmp_path / "llava")
     opts = DemoOptions.for_kind("vlm", workdir=tmp_path / "demo", model=str(model), sessions=1, shots=2,
-                                eval_per_class=2, epochs=1, lr=1e-3, max_forgetting=100, show_progress=False)
+                                eval_per_class=2, epochs=1, lr=1e-3, max_forgetting=0, show_progress=False)
     summary = run_demo(opts, make_data=toy_vqa_data)
     assert summary["kind"] == "vlm" and [r["session"] for r in summary["rows"]] == ["base", 1]
-    assert summary["rows"][1]["status"] == "accepted" and summary["export"]["max_abs_diff"] < 1e-3
+    exported = assert_guarded(summary["rows"], opts.max_forgetting, (4, 4))
+    assert summary["export"]["session"] == exported and summary["export"]["max_abs_diff"] < 1e-3
     report = json.loads((tmp_path / "demo" / "runs" / "sessions" / "0001" / "report.json").read_text())
     assert report["loss"] == "ppl" and report["steps"] == 1

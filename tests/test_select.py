@@ -26,22 +26,36 @@ def test_top_entries_picks_largest_magnitude_regardless_of_sign():
     assert top_entries(g, 0.5).tolist() == [1, 2]
 
 
-@pytest.mark.parametrize("k", [0, 1, 2, 4])
-def test_top_heads_exactly_k(k):
-    scores = torch.rand(4)
-    heads = top_heads(scores, k)
-    assert heads.numel() == k
-    assert set(heads.tolist()) == set(torch.topk(scores, k).indices.tolist())
+@pytest.mark.parametrize("k,expected", [(0, []), (1, [1]), (2, [1, 3]), (3, [0, 1, 3]), (4, [0, 1, 2, 3])])
+def test_top_heads_picks_the_k_highest_sorted(k, expected):
+    assert top_heads(torch.tensor([0.3, 0.9, 0.1, 0.5]), k).tolist() == expected
 
 
-def test_head_scores_sum_of_squares_per_head():
-    heads, hd, d_in = 4, 3, 5
-    gq, gk, gv = (torch.randn(heads * hd, d_in) for _ in range(3))
-    scores = head_scores([gq, gk, gv], heads)
-    for h in range(heads):
-        rows = slice(h * hd, (h + 1) * hd)
-        expected = sum(g[rows].pow(2).sum() for g in (gq, gk, gv))
-        assert torch.allclose(scores[h], expected)
+def _hand_grads() -> list[torch.Tensor]:
+    """2 heads x 3 dims, 2 inputs. q's row r holds r (head 0: 2*(0+1+4) = 10, head 1: 2*(9+16+25) = 100);
+    k is 0; v has 10 in both entries of row 1 (head 0: 200). So head 0 = 210 > head 1 = 100, and only
+    because v counts: dropping v, reading rows as (head_dim, heads) or squaring after summing changes the winner."""
+    gq = torch.arange(6.0).repeat_interleave(2).view(6, 2)
+    gv = torch.zeros(6, 2)
+    gv[1] = 10.0
+    return [gq, torch.zeros(6, 2), gv]
+
+
+def test_head_scores_hand_computed():
+    scores = head_scores(_hand_grads(), num_heads=2)
+    assert scores.tolist() == [210.0, 100.0]
+    assert top_heads(scores, 1).tolist() == [0]
+
+
+def test_head_scores_hand_computed_on_a_fused_qkv():
+    fused = torch.cat(_hand_grads())  # rows laid out (3, heads, head_dim), as inject chunks them
+    assert head_scores(list(fused.chunk(3)), num_heads=2).tolist() == [210.0, 100.0]
+
+
+def test_hand_computed_entry_mask():
+    g = torch.tensor([[0.5, -3.0, 0.1], [2.0, -0.2, 1.0]])
+    expected = torch.tensor([[False, True, False], [True, False, False]])
+    assert torch.equal(indices_to_mask(top_entries(g, 2 / 6), g.shape), expected)
 
 
 def test_fused_qkv_scores_equal_separate():
