@@ -141,6 +141,8 @@ def embed(session: Any, meta: dict[str, Any], images: list[Image.Image], batch_s
         px = np.stack([preprocess(im, recipe) for im in images[start:start + batch_size]])
         if px.shape[2:] != expected:
             raise InferError(f"preprocessing gave {px.shape[2:]}, the model expects {expected}")
+        if meta["input"].get("dtype") == "uint8":  # --fold-normalize uint8: raw 0..255 pixels, normalised in-graph
+            px = np.clip(np.rint(px), 0, 255).astype(np.uint8)
         outs.append(session.run(None, {meta["input"]["name"]: px})[0])
     return np.concatenate(outs)
 

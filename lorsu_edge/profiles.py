@@ -22,9 +22,10 @@ Fields (sizes use the `--budget` syntax, see budget.py):
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ import lorsu_edge
 from lorsu_edge.budget import parse_size
 from lorsu_edge.errors import ProfileError, decode_utf8
 
+log = logging.getLogger(__name__)
 DTYPES = ("bf16", "fp16", "fp32")
 DEVICES = ("cuda", "cpu")
 _REQUIRED = ("title", "device", "total_memory", "unified", "reserve", "runtime_overhead",
@@ -202,22 +204,120 @@ def host_profile() -> Profile:
     return get_profile("cpu")
 
 
-def detect_profile() -> Profile:
-    """A profile for the machine this runs on: `cpu` without CUDA; on a Jetson-like integrated GPU the
-    shipped unified profile closest in memory; on a discrete GPU one built from its properties."""
+# Where a Jetson says what it is. Paths are parameters of `detect` so tests can fake a board.
+DEVICE_TREE_MODEL = Path("/proc/device-tree/model")
+TEGRA_RELEASE = Path("/etc/nv_tegra_release")
+MEMINFO = Path("/proc/meminfo")
+MEMORY_MISMATCH = 0.15
+"""A board whose memory differs from its family's profile by more than this keeps the profile but its own size."""
+# Board name fragment (device-tree model, lower case) -> the shipped profiles of that module family. Several
+# memory sizes share one name (AGX Orin 32/64 GB): the closest total memory among them wins.
+_JETSON_BOARDS = (
+    ("orin nano", ("jetson-orin-nano-8gb",)),
+    ("orin nx", ("jetson-orin-nx-16gb",)),
+    ("agx orin", ("jetson-agx-orin-32gb", "jetson-agx-orin-64gb")),
+    ("xavier", ("jetson-agx-xavier-32gb",)),
+)
+
+
+@dataclass(frozen=True)
+class Detection:
+    """The profile chosen for this machine and why (shown by `lorsu-edge profiles`)."""
+
+    profile: Profile
+    reason: str
+
+
+def _read_text(path: Path) -> str | None:
+    try:
+        return path.read_bytes().replace(b"\0", b"").decode("utf-8", "replace").strip()
+    except OSError:
+        return None
+
+
+def jetson_board(model_file: Path = DEVICE_TREE_MODEL, release_file: Path = TEGRA_RELEASE) -> str | None:
+    """The board name when this machine is a Jetson (L4T), else None.
+
+    The device-tree model names the board ("NVIDIA Jetson Orin Nano Developer Kit"); /etc/nv_tegra_release
+    exists on every L4T install even where the device tree is hidden (containers).
+    """
+    model = _read_text(model_file)
+    if model and "jetson" in model.lower():
+        return model
+    release = _read_text(release_file)
+    if release is not None:
+        return model or f"an L4T system ({release.splitlines()[0][:60] if release else 'nv_tegra_release'})"
+    return None
+
+
+def mem_total(meminfo: Path = MEMINFO) -> int | None:
+    """MemTotal in bytes from /proc/meminfo (None when unreadable)."""
+    for line in (_read_text(meminfo) or "").splitlines():
+        if line.startswith("MemTotal:"):
+            return int(line.split()[1]) * 1024
+    return None
+
+
+def jetson_profile(board: str, total: int | None) -> Detection:
+    """The shipped profile of this Jetson board: by module family, then by memory."""
+    low = board.lower()
+    names = next((names for key, names in _JETSON_BOARDS if key in low), None)
+    pool = [get_profile(n) for n in names] if names else \
+        [p for p in list_profiles() if p.unified and p.device == "cuda"]
+    mem = f"{total / 2**30:.1f} GiB" if total else "memory unknown"
+    chosen = min(pool, key=lambda p: abs(p.total_memory - total)) if total else pool[0]
+    why = "board family" if names else "closest memory among the Jetson profiles (unknown board)"
+    if total and abs(chosen.total_memory - total) > MEMORY_MISMATCH * chosen.total_memory:
+        # e.g. an Orin Nano 4GB: the 8 GB profile's dtypes and reserve apply, its memory does not
+        chosen = replace(chosen, name=f"{chosen.name}-as-detected", total_memory=total,
+                         title=f"{chosen.title} ({mem} detected)")
+        why += f", total memory set to this board's {mem}"
+    return Detection(chosen, f"Jetson {board!r}, {mem}: {why}")
+
+
+def detect(model_file: Path = DEVICE_TREE_MODEL, release_file: Path = TEGRA_RELEASE, meminfo: Path = MEMINFO,
+           cuda: bool | None = None) -> Detection:
+    """The profile for the machine this runs on, and why.
+
+    A Jetson gets its board's profile, and must have a CUDA torch: the pinned PyPI torch is CPU-only on
+    aarch64, and adapting on the Jetson's CPU cores instead of its GPU would be a silent 10x slowdown, so
+    that case raises ProfileError. Elsewhere: `cpu` without CUDA; the closest unified profile on another
+    integrated GPU; a profile built from the properties of a discrete GPU.
+    """
     import torch
 
-    if not torch.cuda.is_available():
-        return get_profile("cpu")
-    props = torch.cuda.get_device_properties(0)
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    board = jetson_board(model_file, release_file)
+    if board is not None:
+        found = jetson_profile(board, mem_total(meminfo))
+        if not cuda:
+            raise ProfileError(f"this is {board} but torch {torch.__version__} sees no CUDA device",
+                               hint="install JetPack's torch from NVIDIA's Jetson wheel index (README: Jetson), "
+                                    "or pass --profile cpu to adapt on the CPU on purpose")
+        return found
+    if not cuda:
+        return Detection(get_profile("cpu"), "no CUDA device")
+    return _gpu_detection(torch.cuda.get_device_properties(0))
+
+
+def _gpu_detection(props: Any) -> Detection:
     if getattr(props, "is_integrated", False):
         unified = [p for p in list_profiles() if p.unified and p.device == "cuda"]
-        return min(unified, key=lambda p: abs(p.total_memory - props.total_memory))
+        chosen = min(unified, key=lambda p: abs(p.total_memory - props.total_memory))
+        return Detection(chosen, f"integrated GPU {props.name}: closest memory among unified profiles")
     dtypes = ("bf16", "fp16", "fp32") if props.major >= 8 else ("fp16", "fp32")
-    return Profile(name="detected-gpu", title=f"{props.name} (detected)", device="cuda",
-                   total_memory=int(props.total_memory), unified=False, reserve=parse_size("0.5GiB"),
-                   runtime_overhead=parse_size("0.6GiB"), compute_dtypes=dtypes, bnb_4bit=True,
-                   note="built from torch.cuda.get_device_properties; pass --profile for a tuned one")
+    return Detection(Profile(name="detected-gpu", title=f"{props.name} (detected)", device="cuda",
+                             total_memory=int(props.total_memory), unified=False, reserve=parse_size("0.5GiB"),
+                             runtime_overhead=parse_size("0.6GiB"), compute_dtypes=dtypes, bnb_4bit=True,
+                             note="built from torch.cuda.get_device_properties; pass --profile for a tuned one"),
+                     f"discrete GPU {props.name} (compute capability {props.major}.{props.minor})")
+
+
+def detect_profile() -> Profile:
+    """`detect().profile`, the reason logged (see `detect`)."""
+    found = detect()
+    log.info("profile %s: %s", found.profile.name, found.reason)
+    return found.profile
 
 
 def resolve(name_or_path: str | Path | Profile | None) -> Profile:

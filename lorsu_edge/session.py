@@ -670,8 +670,9 @@ def _in_main_thread() -> bool:
 
 
 @contextlib.contextmanager
-def graceful_sigterm() -> Iterator[None]:
-    """Within the block, SIGTERM raises InterruptedRunError (exit code 130) in the main thread.
+def graceful_sigterm(hint: str = "an unfinished session is discarded, never half-kept; "
+                                  "`lorsu-edge history` shows what is current") -> Iterator[None]:
+    """Within the block, SIGTERM raises InterruptedRunError (exit code 130, `hint`) in the main thread.
 
     The exception unwinds through `staged_session`, which discards the partial session, so the
     current model is untouched. Only the first SIGTERM raises (a second one during cleanup is
@@ -687,9 +688,7 @@ def graceful_sigterm() -> Iterator[None]:
         if fired:
             return
         fired = True
-        raise InterruptedRunError("stopped by SIGTERM",
-                                  hint="an unfinished session is discarded, never half-kept; "
-                                       "`lorsu-edge history` shows what is current")
+        raise InterruptedRunError("stopped by SIGTERM", hint=hint)
 
     old = signal.signal(signal.SIGTERM, handler)
     try:

@@ -33,7 +33,7 @@ def test_choice_types_match_the_library() -> None:
 
 
 @pytest.mark.parametrize("argv", [
-    ["export", "--precision", "fp8"], ["export", "--quantize", "2bit"],
+    ["export", "--precision", "fp8"], ["export", "--fold-normalize", "int4"],
     ["adapt", "--data", "x", "--method", "dora"], ["adapt", "--data", "x", "--loss", "mse"],
     ["adapt", "--data", "x", "--quantize", "3bit"], ["adapt", "--data", "x", "--precision", "fp8"],
     ["adapt", "--data", "x", "--device", "gpu"], ["adapt", "--data", "x", "--device", "cuda:x"],

@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 import lorsu_edge.export as ex
+import lorsu_edge.export.precision as precision_mod
 from lorsu_edge.cli import export as export_verb
 from lorsu_edge.cli.main import app as main_app
 from lorsu_edge.config import MethodConfig
@@ -109,7 +110,9 @@ def test_every_family_exports_with_parity_and_metadata(kind, tmp_path):
     assert props["lorsu_edge.export_id"] == side["export_id"]
     assert props["lorsu_edge.encoder_sha256"] == side["encoder_sha256"]
     assert json.loads(props["lorsu_edge.parity"]) == side["parity"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([out.name, res.sidecar.name])  # no temp files
+    assert side["exporter"] == "dynamo" and side["external_data"] is None
+    # no temp files; the processor's config beside the graph
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([out.name, res.sidecar.name, ex.PREPROCESSOR_FILE])
 
 
 def test_llava_features_with_and_without_projector(tmp_path):
@@ -228,17 +231,18 @@ def test_tolerance_zero_fails_and_keeps_previous_export(tmp_path):
 
 
 def test_corrupted_export_is_caught_and_not_written(tmp_path, monkeypatch):
-    real = ex.to_precision
+    real = precision_mod.to_precision
 
-    def corrupt(fp32, precision, scratch):
-        proto = onnx.load_from_string(real(fp32, precision, scratch))
+    def corrupt(src, precision, dst, external, calibration=()):
+        proto = onnx.load(str(real(src, precision, dst, external, calibration)))
         target = max(proto.graph.initializer, key=lambda t: int(np.prod(t.dims)))
         arr = onnx.numpy_helper.to_array(target).copy()
         arr.flat[0] += 1.0  # one weight off by 1
         target.CopyFrom(onnx.numpy_helper.from_array(arr, target.name))
-        return proto.SerializeToString()
+        onnx.save(proto, str(dst))
+        return dst
 
-    monkeypatch.setattr(ex, "to_precision", corrupt)
+    monkeypatch.setattr(precision_mod, "to_precision", corrupt)
     model, spec = _model("clip")
     with pytest.raises(ExportMismatchError) as err:
         export_onnx(model, spec, _image_processor("clip"), tmp_path / "enc.onnx")
@@ -247,7 +251,11 @@ def test_corrupted_export_is_caught_and_not_written(tmp_path, monkeypatch):
 
 
 def test_invalid_graph_is_caught_and_not_written(tmp_path, monkeypatch):
-    monkeypatch.setattr(ex, "to_precision", lambda fp32, precision, scratch: b"not an onnx model")
+    def garbage(src, precision, dst, external, calibration=()):
+        dst.write_bytes(b"not an onnx model")
+        return dst
+
+    monkeypatch.setattr(precision_mod, "to_precision", garbage)
     model, spec = _model("dinov2")
     with pytest.raises(ExportMismatchError, match="invalid"):
         export_onnx(model, spec, _image_processor("dinov2"), tmp_path / "enc.onnx", precision="int8")
@@ -433,7 +441,7 @@ def test_llava_base_with_projector_without_workdir(tmp_path):
     model_dir = save_tiny("llava", tmp_path / "llava")
     out = tmp_path / "llava.onnx"
     r = _export("--workdir", str(tmp_path / "none"), "--base", "--model", str(model_dir), "--with-projector",
-                "--quantize", "none", "--out", str(out))
+                "--out", str(out))
     assert r.exit_code == 0, r.output
     side = json.loads(Path(f"{out}.json").read_text())
     assert side["output"]["name"] == "projected_features" and side["session_id"] is None
@@ -460,9 +468,11 @@ def test_bench_export_smoke(tmp_path):
                           "--results-dir", str(tmp_path)], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert run.returncode == 0, run.stderr
     doc = json.loads((tmp_path / "bench_export_smoke.json").read_text())
+    files = ("fp32", "fp32 fused", "fp16", "int8", "int8-qdq")
     cells = {(r["engine"], r["batch"]) for r in doc["rows"]}
-    assert cells == {(e, b) for e in ("pytorch eager fp32", "onnxruntime fp32", "onnxruntime int8") for b in (1, 8)}
+    assert cells == {(e, b) for e in ("pytorch eager fp32", *(f"onnxruntime {f}" for f in files)) for b in (1, 8)}
     for r in doc["rows"]:
         assert r["median_ms"] > 0 and r["per_image_ms"] == pytest.approx(r["median_ms"] / r["batch"])
-    assert set(doc["exports"]) == {"fp32", "int8"} and all(e["bytes"] > 0 for e in doc["exports"].values())
-    assert "onnxruntime int8" in run.stdout  # the printed table
+    assert set(doc["exports"]) == set(files) and all(e["bytes"] > 0 for e in doc["exports"].values())
+    assert all(0.9 < e["min_cosine_heldout"] <= 1.0 + 1e-6 for e in doc["exports"].values())
+    assert "onnxruntime int8-qdq" in run.stdout  # the printed table

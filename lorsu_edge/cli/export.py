@@ -8,9 +8,31 @@ from typing import Annotated
 
 import typer
 
-from lorsu_edge.cli.choices import ExportPrecision, Quantize
+from lorsu_edge.cli.choices import ExportPrecision, Fold
 from lorsu_edge.cli.errors import handle_errors
 from lorsu_edge.errors import BadInputError
+
+# Help written out (the library's ExportRequest says the same): importing lorsu_edge.export pulls torch, and
+# --help must stay fast. tests/test_export_deploy.py checks the defaults against the library.
+_HELP = {
+    "session": "Session id to export (default: the current model).",
+    "base": "Export the unadapted base encoder.",
+    "model": "Base model folder or hub id (default: the workdir's). With --base, works without a workdir.",
+    "out": "Output .onnx path (default: <workdir>/exports/[fold-<dtype>/]encoder-<session|base>-<precision>.onnx); "
+           "the sidecar goes to <out>.json, preprocessor_config.json beside it.",
+    "precision": "fp32 (exact) | fp16 (LayerNorm kept fp32) | int8 (dynamic, for CPU runtimes) | int8-qdq (static "
+                 "Q/DQ calibrated on real images: TensorRT int8, and CPU).",
+    "opset": "ONNX opset (18, the dynamo exporter's own, is tested; 17-20 accepted).",
+    "with_projector": "VLMs: include the multimodal projector (LLM-ready image embeddings).",
+    "images": "Images for the parity proof and int8-qdq's calibration (default: the session's data folder if it "
+              "still exists, else random pixels; calibration adds the workdir's control set).",
+    "fold_normalize": "uint8 | float: the graph takes raw RGB NCHW pixels (0..255 uint8, or 0..1 float) and "
+                      "rescales and normalises inside (no resize), for DeepStream and camera pipelines.",
+}
+
+
+def _doc(name: str) -> str:
+    return _HELP[name]
 
 
 @handle_errors
@@ -19,23 +41,15 @@ def command(
                     ] = True,
     workdir: Annotated[Path, typer.Option("--workdir", "-w", help="The workdir (default ./lorsu-runs).")] = Path(
         "lorsu-runs"),
-    session: Annotated[str | None, typer.Option(help="Session id to export (default: the current model).")] = None,
-    base: Annotated[bool, typer.Option("--base", help="Export the unadapted base encoder.")] = False,
-    model: Annotated[str | None, typer.Option(help="Base model folder or hub id (default: the workdir's). "
-                                                   "With --base, works without a workdir.")] = None,
-    out: Annotated[Path | None, typer.Option(help="Output .onnx path (default: <workdir>/exports/"
-                                                  "encoder-<session|base>-<precision>.onnx); "
-                                                  "the sidecar goes to <out>.json.")] = None,
-    precision: Annotated[ExportPrecision, typer.Option(help="fp32 (exact) | fp16 (LayerNorm kept fp32) | int8 "
-                                                "(dynamic QInt8 MatMuls, for CPU runtimes).")] = "fp32",
-    opset: Annotated[int, typer.Option(help="ONNX opset (17 is tested).")] = 17,
-    with_projector: Annotated[bool, typer.Option("--with-projector",
-                                                 help="VLMs: include the multimodal projector "
-                                                      "(LLM-ready image embeddings).")] = False,
-    images: Annotated[Path | None, typer.Option(help="Images for the parity proof (default: the session's data "
-                                                     "folder if it still exists, else random pixels).")] = None,
-    quantize: Annotated[Quantize, typer.Option(help="How to load a VLM's language model, which is not exported: "
-                                               "auto | 4bit | 8bit | none.")] = "auto",
+    session: Annotated[str | None, typer.Option(help=_doc("session"))] = None,
+    base: Annotated[bool, typer.Option("--base", help=_doc("base"))] = False,
+    model: Annotated[str | None, typer.Option(help=_doc("model"))] = None,
+    out: Annotated[Path | None, typer.Option(help=_doc("out"))] = None,
+    precision: Annotated[ExportPrecision, typer.Option(help=_doc("precision"))] = "fp32",
+    opset: Annotated[int, typer.Option(help=_doc("opset"))] = 18,
+    with_projector: Annotated[bool, typer.Option("--with-projector", help=_doc("with_projector"))] = False,
+    images: Annotated[Path | None, typer.Option(help=_doc("images"))] = None,
+    fold_normalize: Annotated[Fold | None, typer.Option("--fold-normalize", help=_doc("fold_normalize"))] = None,
     if_changed: Annotated[bool, typer.Option("--if-changed", help="Exit 0 without work when the output's sidecar "
                                                                   "already records this session's encoder (nightly "
                                                                   "jobs: export only after an accepted session).")
@@ -48,10 +62,12 @@ def command(
     if not onnx:
         raise BadInputError("ONNX is the only export format", hint="drop --no-onnx")
     req = ExportRequest(workdir=workdir, session=session, base=base, model=model, out=out, precision=precision,
-                        opset=opset, with_projector=with_projector, images=images, quantize=quantize)
+                        opset=opset, with_projector=with_projector, images=images, fold_normalize=fold_normalize)
     if if_changed and _up_to_date(req, json_line):
         return
     result, res = export_request(req)
+    for note in result.notes:
+        typer.echo(f"warning: {note}", err=True)
     worst = max(result.parity, key=lambda p: p.rel_max_abs)
     if json_line:
         typer.echo(json.dumps({"status": "exported", "session": res.session, "out": str(result.path),

@@ -16,7 +16,8 @@ def command(
 ) -> None:
     """List device profiles: memory, reserve for the OS and inference service, dtypes, 4-bit support."""
     from lorsu_edge.budget import format_size
-    from lorsu_edge.profiles import list_profiles, user_dir
+    from lorsu_edge.errors import ProfileError
+    from lorsu_edge.profiles import detect, list_profiles, user_dir
 
     profiles = list_profiles()
     if as_json:
@@ -33,4 +34,9 @@ def command(
     typer.echo("")
     for p in profiles:
         typer.echo(f"{p.name}: {p.note}")
-    typer.echo(f"\nuse with --profile NAME or --profile path/to.toml; add or override profiles in {user_dir()}")
+    try:
+        found = detect()
+        typer.echo(f"\nthis machine: {found.profile.name} ({found.reason}); --profile auto uses it")
+    except ProfileError as e:  # a Jetson without a CUDA torch: the listing still helps, auto would refuse
+        typer.echo(f"\nthis machine: no profile for --profile auto: {e.message} (hint: {e.hint})")
+    typer.echo(f"use with --profile NAME or --profile path/to.toml; add or override profiles in {user_dir()}")

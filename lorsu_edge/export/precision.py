@@ -1,0 +1,196 @@
+"""The fp32 graph converted to the requested precision, file to file (external data follows the graph).
+
+- fp16: every weight and op in half precision except `FP16_KEEP_FP32` (LayerNorm, its ReduceMean/Pow pieces
+  when decomposed, Resize); float32 I/O. TensorRT's `--stronglyTyped` builds exactly these types.
+- int8: onnxruntime's dynamic quantization (int8 MatMul weights, activations quantized at run time): for CPU
+  runtimes. TensorRT cannot take it.
+- int8-qdq: static quantization in the QDQ format (QuantizeLinear/DequantizeLinear pairs around each MatMul,
+  per-channel symmetric int8 weights, symmetric int8 activations with percentile ranges calibrated on real
+  images; the attention products and the MLP's second layer stay float, see `weight_matmuls`): what
+  TensorRT's explicit-quantization int8 takes, and what onnxruntime runs on CPU as well.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lorsu_edge.errors import BadInputError, ExportMismatchError
+from lorsu_edge.export.inputs import INPUT_NAME
+from lorsu_edge.export.trace import external_data_name
+
+PRECISIONS = ("fp32", "fp16", "int8", "int8-qdq")
+# Kept fp32 inside an fp16 graph. LayerNorm: its variance over hidden sizes of 768-1024 loses ~3 bits in
+# fp16 and the error compounds through the residual stream (the casts cost little); exporters at opset < 17
+# decompose it into ReduceMean/Sub/Pow/Sqrt/Div, kept fp32 too. Resize: position embedding interpolation
+# (DINOv2), where fp16 buys nothing. See also `fold_constants`.
+FP16_KEEP_FP32 = ("LayerNormalization", "ReduceMean", "Pow", "Sqrt", "Resize")
+# Only MatMul (and Gemm) are quantized: ConvInteger (patch embedding) and quantized Gather have no kernels on
+# the GPU providers, and the patch embedding is < 1% of the compute.
+INT8_OP_TYPES = ("MatMul", "Gemm")
+# Per-channel weight scales: on the real DINOv2-S (24 textile images) per-tensor QInt8 gave a minimum
+# cosine of 0.987 (under the 0.99 bound), per-channel 0.997, for the same file size. Random weights
+# (no outlier channels) hide this: both give >= 0.9999 there.
+INT8_PER_CHANNEL = True
+MLP_OUT_INPUTS = ("Gelu", "FastGelu", "QuickGelu", "Mul")
+"""Producers of the MLP's second layer's input: the GELU (fused, or decomposed: its last op is a Mul)."""
+QDQ_CALIBRATION = "percentile (99.999), symmetric int8"
+CALIBRATION_BATCH = 8
+"""Images per calibration batch (onnxruntime collects activation ranges batch by batch)."""
+
+
+def to_precision(src: Path, precision: str, dst: Path, external: bool,
+                 calibration: Sequence[np.ndarray] = ()) -> Path:
+    """`src` (fp32) converted to `precision`, written at `dst` (fp32: `src` itself); `calibration` feeds
+    int8-qdq's activation ranges. Returns the converted file's path."""
+    if precision == "fp32":
+        return src
+    if precision == "fp16":
+        _fp16(src, dst, external)
+    elif precision == "int8":
+        _int8_dynamic(src, dst, external)
+    elif precision == "int8-qdq":
+        _int8_qdq(src, dst, external, calibration)
+    else:
+        raise BadInputError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    return dst
+
+
+def _save(proto: Any, dst: Path, external: bool) -> None:
+    import onnx
+
+    if external:
+        onnx.save_model(proto, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=external_data_name(dst))
+    else:
+        onnx.save_model(proto, str(dst))
+
+
+def _fp16(src: Path, dst: Path, external: bool) -> None:
+    import onnx
+    from onnxruntime.transformers import float16
+
+    folded = src.with_name(f"folded-{src.name}")
+    fold_constants(src, folded, external)
+    proto = float16.convert_float_to_float16(
+        onnx.load(str(folded)), keep_io_types=True,
+        op_block_list=list(float16.DEFAULT_OP_BLOCK_LIST) + list(FP16_KEEP_FP32))
+    toposort(proto.graph)  # the converter appends its input casts last; onnx.checker wants order
+    # The converter leaves value_info typed as before the conversion (fp32 where tensors are now fp16):
+    # onnx shape inference then fails, and TensorRT's strongly typed parser must not read stale types.
+    del proto.graph.value_info[:]
+    _save(proto, dst, external)
+
+
+@contextlib.contextmanager
+def _quiet_quantizer() -> Iterator[None]:
+    """onnxruntime's quantizer logs advice at WARNING ("consider pre-processing") and prints its histogram
+    settings to stdout (which would break `--json` output): not for users."""
+    logging.disable(logging.WARNING)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+def _int8_dynamic(src: Path, dst: Path, external: bool) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with _quiet_quantizer():
+        quantize_dynamic(src, dst, weight_type=QuantType.QInt8, op_types_to_quantize=list(INT8_OP_TYPES),
+                         per_channel=INT8_PER_CHANNEL, use_external_data_format=external)
+
+
+class ImageBatches:
+    """onnxruntime's CalibrationDataReader over real-image batches (the graph's own input name)."""
+
+    def __init__(self, feeds: Sequence[np.ndarray]) -> None:
+        self._feeds = iter(list(feeds))
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        feed = next(self._feeds, None)
+        return None if feed is None else {INPUT_NAME: feed}
+
+
+def _int8_qdq(src: Path, dst: Path, external: bool, calibration: Sequence[np.ndarray]) -> None:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    if not len(calibration):
+        raise BadInputError("--precision int8-qdq calibrates activation ranges on real images, and none were found",
+                            hint="pass --images DIR (or keep the session's data folder / a control set)")
+    with _quiet_quantizer():
+        quantize_static(
+            src, dst, ImageBatches(calibration), quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=list(INT8_OP_TYPES), per_channel=INT8_PER_CHANNEL,
+            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+            calibrate_method=CalibrationMethod.Percentile,
+            nodes_to_quantize=weight_matmuls(src), use_external_data_format=external,
+            # TensorRT takes only symmetric int8 (zero point 0); the same file then serves both runtimes.
+            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
+
+
+def weight_matmuls(path: Path) -> list[str]:
+    """Names of the MatMul/Gemm nodes int8-qdq quantizes: those that multiply by a weight (an initializer),
+    except the MLP's second layer (its input is the GELU output, `MLP_OUT_INPUTS`).
+
+    On the real DINOv2-S (default model; 64 held-out textile + animal images, min cosine to PyTorch):
+    every MatMul with min/max ranges 0.986 (the attention's softmax in 127 levels); weight MatMuls only
+    0.989 (min/max) / 0.990 (percentile); and without the MLP's second layer, whose post-GELU input has the
+    heaviest tail, 0.994 (percentile; what is used). The file grows from 25 to 46 MiB (fp32: 85 MiB).
+    """
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    weights = {t.name for t in graph.initializer}
+    producer = {o: n.op_type for n in graph.node for o in n.output}
+    return [n.name for n in graph.node if n.op_type in INT8_OP_TYPES and any(i in weights for i in n.input)
+            and producer.get(n.input[0]) not in MLP_OUT_INPUTS]
+
+
+def fold_constants(src: Path, dst: Path, external: bool) -> None:
+    """The graph with its input-independent subgraphs computed once (onnxruntime's basic level: standard ops only).
+
+    Needed before fp16: DINOv2 interpolates its position embeddings (bicubic Resize) inside the graph.
+    Converted unfolded, onnxruntime's full optimizer rewrites that fp16-fed Resize into a form its own
+    kernel rejects at run time ("'Cubic' mode only supports ...", measured on the real DINOv2-S at 112 px
+    and on tiny DINOv2s run below their config size). Folded first, the Resize reads a constant fp32
+    table and runs. The proof runs at onnxruntime's default level, so any other such case fails loudly.
+    """
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    opts.optimized_model_filepath = str(dst)
+    opts.log_severity_level = 3
+    if external:
+        opts.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                      external_data_name(dst))
+    ort.InferenceSession(str(src), opts, providers=["CPUExecutionProvider"])
+
+
+def toposort(graph: Any) -> None:
+    """Reorder `graph.node` in place so every node comes after the producers of its inputs (stable)."""
+    available = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    pending, ordered = list(graph.node), []
+    while pending:
+        ready = [n for n in pending if all(i in available for i in n.input)]
+        if not ready:
+            raise ExportMismatchError("the converted graph has a cycle or a dangling input",
+                                      hint="export --precision fp32 instead, and report the model class")
+        ids = {id(n) for n in ready}
+        pending = [n for n in pending if id(n) not in ids]
+        for n in ready:
+            ordered.append(n)
+            available.update(n.output)
+    copies = [type(n)() for n in ordered]
+    for c, n in zip(copies, ordered):
+        c.CopyFrom(n)
+    del graph.node[:]
+    graph.node.extend(copies)
