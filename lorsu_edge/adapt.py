@@ -30,6 +30,7 @@ from lorsu_edge.distributed import (is_main, main_computes, open_workdir, rank_s
                                      world_size)
 from lorsu_edge.errors import BadInputError, ExitCode, LorsuError
 from lorsu_edge.inject import freeze, inject, select_targets
+from lorsu_edge.integrity import fall_back_if_damaged
 from lorsu_edge.load import (Loaded, apply_encoder, config_role, load_model, load_vlm_tower_in_dual, read_config,
                              resolve_source)
 from lorsu_edge.losses import Batch, check_loss, default_loss, make_objective
@@ -38,8 +39,11 @@ from lorsu_edge.merge import encoder_state_dict, tensors_hash, unload
 from lorsu_edge.imagefile import ImageLimits
 from lorsu_edge.samples import Sample, SampleSet, read_samples
 from lorsu_edge.plan import apply_checkpointing
+from lorsu_edge.retention import apply_retention, check_before_training
+from lorsu_edge.save_full import save_full
 from lorsu_edge.score import candidate_paths, compute_importance
-from lorsu_edge.session import ENCODER_FILE, REPORT_FILE, SAMPLES_FILE, Workdir, graceful_sigterm
+from lorsu_edge.session import (ENCODER_FILE, REPORT_FILE, SAMPLES_FILE, Workdir, absolute_source, after_commit,
+                                graceful_sigterm)
 from lorsu_edge.track import record_night
 from lorsu_edge.train import TrainConfig, autocast_factory, resolve_precision, train
 
@@ -69,6 +73,7 @@ class AdaptOptions:
     # points below the base model's control accuracy a session may end at (None: the workdir's, else off)
     max_total_forgetting: float | None = None
     save_full: Path | None = None
+    keep: int | None = None  # prune to the current + this many accepted encoders (None: the workdir's, else off)
     show_progress: bool = True
     image_limits: ImageLimits = ImageLimits()  # per-image byte and pixel caps for every folder read
     allow_outside_data: bool = False  # accept manifest paths / links resolving outside their folder
@@ -106,6 +111,18 @@ def resolve_base_model(opts: AdaptOptions, remembered: str | None) -> str:
 
     log.info("no --model given: using the embedded default dual encoder (built once, offline)")
     return str(build_default_dual())
+
+
+def _folder(path: Path | None) -> Path | None:
+    return None if path is None else path.expanduser().resolve()
+
+
+def with_absolute_paths(opts: AdaptOptions) -> AdaptOptions:
+    """Local paths made absolute before anything is remembered or recorded (workdir settings, reports), so
+    a run from another directory finds the same folders and never mistakes `fx/model` for a hub id."""
+    return replace(opts, model=absolute_source(opts.model), text_model=absolute_source(opts.text_model),
+                   data=_folder(opts.data), control=_folder(opts.control), eval_data=_folder(opts.eval_data),
+                   save_full=_folder(opts.save_full))
 
 
 def load_for_loss(base: str, opts: AdaptOptions, device: torch.device) -> Loaded:
@@ -285,7 +302,7 @@ def read_folder(opts: AdaptOptions, folder: Path) -> SampleSet:
 
 def load_eval_sets(opts: AdaptOptions, wd: Workdir) -> dict[str, SampleSet]:
     """The control set (given now or remembered by the workdir) and the optional target eval set."""
-    control = opts.control or wd.settings().get("control")
+    control = opts.control or wd.remembered("control")
     if opts.control:
         wd.update_settings(control=str(opts.control))
     sets = {"control": read_folder(opts, Path(control))} if control else {}
@@ -398,6 +415,7 @@ def adapt(opts: AdaptOptions) -> AdaptResult:
     """
     setup()
     wd = open_workdir(opts.workdir)  # data-parallel: ranks > 0 get a view that never writes
+    opts = with_absolute_paths(opts)
     if not is_main():
         opts = replace(opts, save_full=None, show_progress=False)
     start = time.perf_counter()
@@ -407,9 +425,10 @@ def adapt(opts: AdaptOptions) -> AdaptResult:
         hf_logging.disable_progress_bar()
     try:
         result = _adapt_locked(opts, wd, start)
-    except LorsuError as e:
+    except LorsuError as e:  # `outcome`: a stop during the commit reports the committed session, not "failed"
         failed = {"verb": "adapt", "status": "failed", "data": str(opts.data), "error": e.message,
-                  "exit_code": int(e.exit_code), "seconds": round(time.perf_counter() - start, 3)}
+                  "exit_code": int(e.exit_code), "seconds": round(time.perf_counter() - start, 3),
+                  **getattr(e, "outcome", {})}
         wd.log_run(failed)
         record_night(wd, opts.track, failed)
         raise
@@ -431,7 +450,8 @@ def adapt(opts: AdaptOptions) -> AdaptResult:
 
 def _adapt_locked(opts: AdaptOptions, wd: Workdir, start: float) -> AdaptResult:
     with wd.lock(), graceful_sigterm():
-        base = resolve_base_model(opts, wd.settings().get("base_model"))
+        current, fallback = fall_back_if_damaged(wd, write=is_main())  # never chain onto a corrupt encoder
+        base = resolve_base_model(opts, wd.remembered("base_model"))
         sample_set = read_folder(opts, opts.data)
         fresh = new_samples(sample_set, wd.seen_hashes())
         if len(fresh) < opts.min_new_samples:
@@ -453,7 +473,7 @@ def _adapt_locked(opts: AdaptOptions, wd: Workdir, start: float) -> AdaptResult:
         if plan.checkpointing:
             apply_checkpointing(loaded.model, loaded.spec)
         fault_point("load")
-        current = wd.current()
+        check_before_training(wd, loaded)  # base model unchanged, room for the session
         total_limit = remembered_total_limit(opts, wd)
         base_score = base_control_score(wd, loaded, eval_sets, device, precision, total_limit)
         if current:  # chaining: start from the accepted encoder (base + all accepted sessions, merged)
@@ -481,13 +501,16 @@ def _adapt_locked(opts: AdaptOptions, wd: Workdir, start: float) -> AdaptResult:
                 "accepted": accepted, "reason": reason,
                 "seconds": round(time.perf_counter() - start, 3), "peak_memory_bytes": peak_memory_bytes(device),
             }
+            report.update({"fallback": fallback} if fallback else {})
             write_json(partial / REPORT_FILE, report)
             write_json(partial / SAMPLES_FILE, sorted(s.sha256 for s in fresh))
             fault_point("write")
             session = wd.commit_session(partial, accepted=accepted, reason=reason)
         status = "accepted" if accepted else "rejected"
-        if opts.save_full and accepted:
-            loaded.model.save_pretrained(opts.save_full)
-            loaded.processor.save_pretrained(opts.save_full)
+        with after_commit(session, accepted):  # a stop or full disk from here on reports the session
+            if is_main():  # ranks > 0 only read the workdir
+                apply_retention(wd, opts.keep)
+            if opts.save_full and accepted:  # the model as given (no 4-bit LLM, the VLM under --text-model)
+                save_full(resolve_source(base), session_encoder(loaded), opts.save_full)
         kept = "" if accepted else f"; the current model stays {current or 'the base model'}"
         return AdaptResult(status, session, report, f"session {session} {status}: {reason}{kept}")

@@ -5,8 +5,10 @@ rename is atomic), flush + fsync it, `os.replace` it over the target, then fsync
 the rename itself survives a power cut. A failure at any step removes the temp file and leaves the
 target as it was.
 
-A full disk, an exhausted quota, a read-only filesystem or a permission problem become a
-`StorageError` (exit code IO) with a hint, so the user sees one line instead of a traceback.
+A full disk, an exhausted quota, a file-size limit, a read-only filesystem or a permission problem
+become a `StorageError` (exit code IO) with a hint, so the user sees one line instead of a traceback.
+That includes libraries that do not raise OSError for them: safetensors raises `SafetensorError`
+("... (os error 28)") on a full disk, so the errno is read from the message.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,6 +33,7 @@ _HINTS = {
     errno.EDQUOT: "free some space under your quota and run again; nothing already saved was changed",
     errno.EROFS: "the filesystem is read-only: pass a writable --workdir; nothing already saved was changed",
     errno.EACCES: "fix the permissions or pass another --workdir; nothing already saved was changed",
+    errno.EFBIG: "a file-size limit (ulimit -f) stopped the write: raise it; nothing already saved was changed",
 }
 STORAGE_ERRNOS = frozenset(_HINTS)
 
@@ -39,13 +43,25 @@ def is_temp_name(name: str) -> bool:
     return name.startswith(".") and TEMP_MARK in name
 
 
-def storage_error(e: OSError, what: str) -> StorageError | None:
-    """The `StorageError` for a disk-full/read-only/permission OSError while doing `what`, else None."""
-    hint = _HINTS.get(e.errno or 0)
-    if hint is None:
+# Rust-backed writers (safetensors) report the OS error only in their message.
+_OS_ERROR_RE = re.compile(r"\(os error (\d+)\)")
+
+
+def error_number(e: BaseException) -> int | None:
+    """The errno behind `e`: an OSError's own, or the `(os error N)` a Rust library's message carries."""
+    if isinstance(e, OSError):
+        return e.errno
+    match = _OS_ERROR_RE.search(str(e))
+    return int(match.group(1)) if match else None
+
+
+def storage_error(e: BaseException, what: str) -> StorageError | None:
+    """The `StorageError` for a disk-full/size-limit/read-only/permission error while doing `what`, else None."""
+    number = error_number(e)
+    hint = _HINTS.get(number or 0)
+    if hint is None or number is None:
         return None
-    reason = os.strerror(e.errno) if e.errno else str(e)
-    return StorageError(f"cannot write {what}: {reason}", hint=hint)
+    return StorageError(f"cannot write {what}: {os.strerror(number)}", hint=hint)
 
 
 @contextlib.contextmanager
@@ -56,7 +72,7 @@ def storage_errors(what: str) -> Iterator[None]:
     """
     try:
         yield
-    except OSError as e:
+    except Exception as e:
         err = storage_error(e, what)
         if err is None:
             raise
@@ -124,7 +140,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     except BaseException as e:
         with contextlib.suppress(OSError):
             tmp.unlink()
-        if isinstance(e, OSError) and (err := storage_error(e, str(path))) is not None:
+        if isinstance(e, Exception) and (err := storage_error(e, str(path))) is not None:
             raise err from e
         raise
 

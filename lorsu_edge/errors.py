@@ -21,7 +21,8 @@ class ExitCode(IntEnum):
     EXPORT_MISMATCH = 7  # the exported model disagrees with PyTorch beyond tolerance
     IO = 8  # disk full or unwritable; nothing already saved was touched
     TRAINING = 9  # non-finite loss or similar training failure; no session written
-    INTERRUPTED = 130  # SIGINT/SIGTERM: stopped gracefully, partial session discarded
+    INTERRUPTED = 130  # SIGINT/SIGTERM: stopped gracefully; an unfinished session is discarded, a committed one
+    # (the stop arrived during its commit) is kept and the message and runs.jsonl say so
 
 
 class LorsuError(Exception):
@@ -81,6 +82,9 @@ class TrainingError(LorsuError):
 
 class InterruptedRunError(LorsuError):
     exit_code = ExitCode.INTERRUPTED
+
+    outcome: dict = {}
+    """What was done before the stop, for the run log: {"status", "session", "stopped_by"} after a commit."""
 
 
 def decode_utf8(data: bytes, what: str, error: type[LorsuError], hint: str) -> str:

@@ -318,13 +318,15 @@ def resolve_session(workdir: Path, session: str | None = None, base: bool = Fals
                     model: str | None = None) -> SessionRef:
     """Find the workdir, base model and session (`--session`, `--base`, else the current model);
     BadInputError with a hint when impossible (no workdir, another model, a rejected session)."""
-    from lorsu_edge.session import REPORT_FILE, WORKDIR_FILE, Workdir
+    from lorsu_edge.integrity import require_intact
+    from lorsu_edge.session import REPORT_FILE, WORKDIR_FILE, Workdir, absolute_source
 
     if base and session is not None:
         raise BadInputError("--base and --session exclude each other", hint="pass one of them")
     has_wd = (Path(workdir) / WORKDIR_FILE).exists()
     wd = Workdir.open(workdir) if has_wd or not (base and model) else None
-    remembered = wd.settings().get("base_model") if wd else None
+    remembered = wd.remembered("base_model") if wd else None
+    model = absolute_source(model)  # as adapt remembered it
     if model and remembered and model != remembered:
         raise BadInputError(f"workdir {workdir} adapts {remembered}, not {model}",
                             hint="drop --model, or pass the workdir of that model")
@@ -339,18 +341,24 @@ def resolve_session(workdir: Path, session: str | None = None, base: bool = Fals
         if not info.accepted:
             raise BadInputError(f"session {sid} was rejected ({info.reason or 'no reason given'})",
                                 hint="export an accepted session (see `lorsu-edge history`) or --base")
-        report = json.loads((info.path / REPORT_FILE).read_text()) if (info.path / REPORT_FILE).is_file() else {}
+        require_intact(wd, sid)  # exit 3 + a rollback hint: never publish or score a damaged encoder
+        report = json.loads((info.path / REPORT_FILE).read_text())
     return SessionRef(wd, base_model, sid, report)
 
 
 def apply_session(loaded: Loaded, res: SessionRef) -> None:
     """Put the session's merged encoder into the loaded base model and prove it is exactly that encoder."""
+    from lorsu_edge.integrity import is_pruned
+    from lorsu_edge.retention import rebuild_into
     from lorsu_edge.session import ENCODER_FILE
 
     if res.session is None:
         _check_base(loaded, res)
         return
-    apply_encoder(loaded, res.workdir.session_dir(res.session) / ENCODER_FILE)
+    if is_pruned(res.workdir.session_dir(res.session)):  # `prune` removed it: replay the adapters
+        rebuild_into(loaded, res.workdir, res.session)
+    else:
+        apply_encoder(loaded, res.workdir.session_dir(res.session) / ENCODER_FILE)
     expected = res.report.get("encoder_sha256")
     actual = tensors_hash(encoder_state_dict(loaded.model, loaded.spec))
     if expected and expected != actual:

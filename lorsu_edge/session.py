@@ -7,6 +7,7 @@ Layout of a workdir (default `./lorsu-runs`):
     sessions/0001/       committed sessions: never modified after commit
         status.json      {"status": "accepted" | "rejected", "reason", "parent", "committed"}
         report.json, samples.json, encoder.safetensors, adapter.* (written by the recipe)
+        pruned.json      only when `prune` removed encoder.safetensors (rebuilt from the adapters on demand)
     sessions/.partial-*  a session being written (or left by a killed run; removed by the next run)
     runs.jsonl           one JSON line per run, for monitoring
     .lock, .lock.owner   the run lock (flock) and who holds it (pid, host, since, command)
@@ -58,7 +59,7 @@ from lorsu_edge.atomic import (
     storage_error,
     storage_errors,
 )
-from lorsu_edge.errors import BadInputError, InterruptedRunError, LockedError
+from lorsu_edge.errors import BadInputError, InterruptedRunError, LockedError, LorsuError
 
 FORMAT_VERSION = 1
 DEFAULT_WORKDIR = Path("lorsu-runs")
@@ -87,6 +88,15 @@ log = logging.getLogger(__name__)
 def now_iso() -> str:
     """The current UTC time as ISO 8601 with seconds (the time format of every workdir file)."""
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def absolute_source(source: str | None) -> str | None:
+    """A model or folder argument as it is remembered: an existing local path made absolute (so another
+    working directory cannot turn `fx/model` into a hub id), anything else (a hub id) as typed."""
+    if not source:
+        return source
+    path = Path(source).expanduser()
+    return str(path.resolve()) if path.exists() else source
 
 
 def format_id(n: int) -> str:
@@ -238,6 +248,21 @@ class Workdir:
     def settings(self) -> dict[str, Any]:
         """The remembered settings (base `model`, `control` dir, ...), as stored in workdir.json."""
         return dict(self._workdir_doc().get("settings") or {})
+
+    def remembered(self, key: str) -> Any:
+        """A remembered setting; a path is returned absolute, so it never turns into a hub id.
+
+        New workdirs store local paths absolute (`absolute_source`). Older ones stored them as typed:
+        a relative value that exists next to the workdir (relative to its parent directory, where the
+        nightly job that created `./lorsu-runs` ran) is taken from there; any other value is returned
+        as stored (a hub id, or a folder that is gone: loading it then fails with exit 3).
+        """
+        value = self.settings().get(key)
+        if isinstance(value, str) and value and not Path(value).is_absolute():
+            beside = self.root.resolve().parent / value
+            if beside.exists():
+                return str(beside)
+        return value
 
     def created(self) -> str | None:
         """ISO time the workdir was created."""
@@ -498,24 +523,34 @@ class Workdir:
         partial = Path(partial)
         if not (partial.name.startswith(PARTIAL_PREFIX) and partial.is_dir() and self._is_own_partial(partial)):
             raise ValueError(f"{partial} is not a partial session of {self.root}")
-        with _signals_deferred():
-            parent = self.current()
-            status = {"status": "accepted" if accepted else "rejected", "reason": reason, "parent": parent,
-                      "committed": now_iso()}
-            atomic_write_json(partial / STATUS_FILE, status)
-            fsync_tree(partial)
-            sid = self._next_id()
-            target = self.sessions_root / sid
-            with storage_errors(str(target)):
-                os.rename(partial, target)
-                fsync_dir(self.sessions_root)
-            _fault_point("commit")  # the narrowest window: renamed, pointer not yet moved
-            try:
-                self._write_pointer(sid if accepted else parent, sid)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    _remove_tree(target)
+        done: list[str] = []
+        try:
+            with _signals_deferred():
+                done.append(self._commit(partial, accepted, reason))
+        except (InterruptedRunError, KeyboardInterrupt) as e:  # a stop held back until the commit was done
+            if not done:
                 raise
+            raise _stopped_after_commit(e, done[0], accepted) from None
+        return done[0]
+
+    def _commit(self, partial: Path, accepted: bool, reason: str) -> str:
+        parent = self.current()
+        status = {"status": "accepted" if accepted else "rejected", "reason": reason, "parent": parent,
+                  "committed": now_iso()}
+        atomic_write_json(partial / STATUS_FILE, status)
+        fsync_tree(partial)
+        sid = self._next_id()
+        target = self.sessions_root / sid
+        with storage_errors(str(target)):
+            os.rename(partial, target)
+            fsync_dir(self.sessions_root)
+        _fault_point("commit")  # the narrowest window: renamed, pointer not yet moved
+        try:
+            self._write_pointer(sid if accepted else parent, sid)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                _remove_tree(target)
+            raise
         return sid
 
     def _next_id(self) -> str:
@@ -660,9 +695,13 @@ def _ends_without_newline(fd: int) -> bool:
 
 
 def _fault_point(phase: str) -> None:
-    """Test hook shared with the recipe: LORSU_EDGE_FAULT=<phase> SIGKILLs the process here."""
-    if os.environ.get("LORSU_EDGE_FAULT") == phase:
+    """Test hook shared with the recipe: LORSU_EDGE_FAULT=<phase> SIGKILLs the process here,
+    LORSU_EDGE_FAULT=<phase>:SIGTERM sends it a SIGTERM (a graceful stop) instead."""
+    fault = os.environ.get("LORSU_EDGE_FAULT", "")
+    if fault == phase:
         os.kill(os.getpid(), signal.SIGKILL)
+    elif fault == f"{phase}:SIGTERM":
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _in_main_thread() -> bool:
@@ -697,6 +736,32 @@ def graceful_sigterm(hint: str = "an unfinished session is discarded, never half
         signal.signal(signal.SIGTERM, old)
 
 
+def _stopped_after_commit(e: BaseException, sid: str, accepted: bool) -> InterruptedRunError:
+    """The stop that arrived during a commit, reported as what it is: the session was committed."""
+    how = "SIGTERM" if isinstance(e, InterruptedRunError) else "SIGINT"
+    status = "accepted" if accepted else "rejected"
+    now = "it is the current model" if accepted else "the current model is unchanged"
+    err = InterruptedRunError(f"stopped by {how} after session {sid} was committed ({status}): {now}",
+                              hint="nothing was lost; the rest of this run (--keep, --save-full) was skipped")
+    err.outcome = {"status": status, "session": sid, "stopped_by": how}
+    return err
+
+
+@contextlib.contextmanager
+def after_commit(sid: str, accepted: bool) -> Iterator[None]:
+    """Wrap the steps that follow a commit (retention, --save-full): a stop or an error there is reported
+    with the session that was committed, never as a discarded one; the error keeps its exit code."""
+    try:
+        yield
+    except (KeyboardInterrupt, InterruptedRunError) as e:
+        raise _stopped_after_commit(e, sid, accepted) from None
+    except LorsuError as e:
+        status = "accepted" if accepted else "rejected"
+        e.message = f"session {sid} was committed ({status}), then: {e.message}"
+        e.outcome = {"status": status, "session": sid}  # type: ignore[attr-defined]
+        raise
+
+
 @contextlib.contextmanager
 def _signals_deferred() -> Iterator[None]:
     """Hold SIGTERM/SIGINT back during a commit, then re-deliver them to the handlers in force.
@@ -720,6 +785,6 @@ def _signals_deferred() -> Iterator[None]:
 
 
 __all__ = [
-    "BASE", "DEFAULT_WORKDIR", "ENCODER_FILE", "REPORT_FILE", "SAMPLES_FILE", "STATUS_FILE", "Recovery",
+    "BASE", "absolute_source", "after_commit", "DEFAULT_WORKDIR", "ENCODER_FILE", "REPORT_FILE", "SAMPLES_FILE", "STATUS_FILE", "Recovery",
     "SessionInfo", "Workdir", "graceful_sigterm", "now_iso", "read_samples_file", "write_samples_file",
 ]

@@ -12,11 +12,6 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
-# Faults whose handling is another part of issue 13 (integrity checks + fallback, exit 8 for safetensors'
-# SafetensorError on a full disk): strict, so they fail loudly once that work lands and the mark must go.
-NEEDS_INTEGRITY = pytest.mark.xfail(strict=True, raises=AssertionError, reason="issue 13 items 2 and 4: exit 8 on a full disk, "
-                                                        "never chaining onto a damaged encoder")
-
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory: pytest.TempPathFactory) -> dict:
@@ -33,9 +28,8 @@ def test_every_fault_kind_ran(smoke: dict) -> None:
     assert smoke["faults_injected"] == smoke["nights_run"] == 6
 
 
-@pytest.mark.parametrize("fault", ["kill9-phase", "kill9-random", "sigterm", "hostile-file",
-                                   pytest.param("enospc", marks=NEEDS_INTEGRITY),
-                                   pytest.param("damaged-session", marks=NEEDS_INTEGRITY)])
+@pytest.mark.parametrize("fault", ["kill9-phase", "kill9-random", "sigterm", "enospc", "hostile-file",
+                                   "damaged-session"])
 def test_fault_night_loses_nothing_and_exits_as_documented(smoke: dict, fault: str) -> None:
     night = next(n for n in smoke["nights"] if n["fault"] == fault)
     assert night["lost"] == [], night

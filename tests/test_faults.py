@@ -5,6 +5,7 @@ Also: a run with nothing new changes nothing; a second run on a busy workdir exi
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import select
 import shutil
@@ -42,12 +43,14 @@ def _images(folder: Path, seed: int) -> None:
 
 def _env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("LORSU_EDGE_FAULT", "LORSU_EDGE_DEBUG")}
-    return {**env, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **extra}
+    # tracking off here too: module fixtures run before conftest's per-test switch, and a tracking store
+    # in the workdir would not fit the storage tests' 1 MiB filesystem
+    return {**env, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "LORSU_EDGE_TRACK": "off", **extra}
 
 
-def _adapt(workdir: Path, model: Path, data: Path, **env: str) -> subprocess.CompletedProcess:
+def _adapt(workdir: Path, model: Path, data: Path, *extra: str, **env: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "lorsu_edge.cli.main", "adapt", "--data", str(data), "--workdir", str(workdir),
-           "--model", str(model), *FAST]
+           "--model", str(model), *FAST, *extra]
     return subprocess.run(cmd, capture_output=True, text=True, env=_env(**env), timeout=300)
 
 
@@ -66,18 +69,22 @@ def _partials(wd: Workdir) -> list[str]:
     return sorted(p.name for p in wd.sessions_root.iterdir() if p.name.startswith(PARTIAL_PREFIX))
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A tiny CLIP, two disjoint data folders, and a workdir whose session 0001 is current."""
+def make_site(root: Path) -> dict[str, Path]:
+    """A tiny CLIP, two disjoint data folders, and a workdir whose session 0001 is current (shared with the
+    storage and retention tests)."""
     from lorsu_edge.tiny import save_tiny
 
-    root = tmp_path_factory.mktemp("faults")
     model = save_tiny("clip", root / "model")
     _images(root / "day1", seed=1)
     _images(root / "day2", seed=2)
     res = _adapt(root / "base-runs", model, root / "day1")
     assert res.returncode == 0, res.stderr
     return {"root": root, "model": model, "day1": root / "day1", "day2": root / "day2", "runs": root / "base-runs"}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return make_site(tmp_path_factory.mktemp("faults"))
 
 
 @pytest.mark.parametrize("phase", PHASES)
@@ -141,3 +148,129 @@ def test_second_run_on_a_busy_workdir_exits_locked(setup: dict[str, Path], tmp_p
     finally:
         holder.kill()
         holder.wait(timeout=30)
+
+
+# --- SIGTERM inside the commit --------------------------------------------------------------------
+
+
+def test_sigterm_during_commit_reports_the_committed_session(setup: dict[str, Path], tmp_path: Path) -> None:
+    """Bug: the stop held back during the commit was reported as "failed ... discarded" although the
+    session was committed and current. The hook sends a real SIGTERM between rename and pointer move."""
+    runs = tmp_path / "runs"
+    shutil.copytree(setup["runs"], runs)
+    res = _adapt(runs, setup["model"], setup["day2"], LORSU_EDGE_FAULT="commit:SIGTERM")
+    assert res.returncode == ExitCode.INTERRUPTED, res.stderr
+    assert "after session 0002 was committed (accepted): it is the current model" in res.stderr
+    assert "discarded" not in res.stderr
+    wd = Workdir.open(runs)
+    assert wd.current() == "0002" and [s.id for s in wd.sessions()] == ["0001", "0002"]
+    last = wd.runs()[-1]
+    assert (last["status"], last["session"], last["exit_code"]) == ("accepted", "0002", ExitCode.INTERRUPTED)
+
+
+# --- a damaged current session ----------------------------------------------------------------------
+
+
+def _flip_byte(path: Path, tensor: str = "") -> None:
+    """Flip one bit in the data of the first tensor whose name contains `tensor`: the file still parses."""
+    data = bytearray(path.read_bytes())
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + size])
+    name = next(k for k in sorted(header) if tensor in k and k != "__metadata__")
+    data[8 + size + header[name]["data_offsets"][0] + 3] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+DAMAGE = {
+    "bit-flipped encoder": lambda d: _flip_byte(d / ENCODER_FILE),
+    "truncated encoder": lambda d: (d / ENCODER_FILE).write_bytes((d / ENCODER_FILE).read_bytes()[:5000]),
+    "missing encoder": lambda d: (d / ENCODER_FILE).unlink(),
+    "truncated report": lambda d: (d / "report.json").write_bytes((d / "report.json").read_bytes()[:40]),
+    "missing report": lambda d: (d / "report.json").unlink(),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGE))
+def test_damage_is_detected_and_names_the_fallback(setup: dict[str, Path], tmp_path: Path, damage: str) -> None:
+    from lorsu_edge.errors import BadInputError
+    from lorsu_edge.integrity import require_intact, session_problem
+
+    runs = tmp_path / "runs"
+    shutil.copytree(setup["runs"], runs)
+    wd = Workdir.open(runs)
+    assert session_problem(wd, "0001") is None
+    DAMAGE[damage](wd.session_dir("0001"))
+    assert session_problem(wd, "0001") is not None
+    with pytest.raises(BadInputError) as info:
+        require_intact(wd, "0001")
+    assert "`lorsu-edge rollback base`" in info.value.hint
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lorsu_edge.cli.main", *args], capture_output=True, text=True,
+                          env=_env(), timeout=300)
+
+
+def test_bit_flipped_current_encoder_eval_refuses_adapt_falls_back(setup: dict[str, Path], tmp_path: Path) -> None:
+    """Bug: a bit-flipped encoder was silently chained onto (and exported). Now eval/export exit 3 with a
+    rollback hint, and adapt falls back to the base model loudly (stderr, runs.jsonl, the new report)."""
+    runs = tmp_path / "runs"
+    shutil.copytree(setup["runs"], runs)
+    _flip_byte(runs / "sessions" / "0001" / ENCODER_FILE)
+    ev = _run("eval", "--data", str(setup["day1"]), "--workdir", str(runs))
+    assert ev.returncode == ExitCode.BAD_INPUT and "rollback base" in ev.stderr, ev.stderr
+    res = _adapt(runs, setup["model"], setup["day2"])
+    assert res.returncode == 0, res.stderr
+    assert "warning: damaged current model (session 0001: encoder.safetensors does not match" in res.stderr
+    wd = Workdir.open(runs)
+    assert wd.current() == "0002" and wd.session("0002").parent is None  # chained on the base, not on 0001
+    assert "fell back to the base model" in wd.history()[-1]["fallback"]
+    assert any(r.get("status") == "fallback" and r.get("from") == "0001" for r in wd.runs())
+
+
+def test_changed_base_model_is_refused(setup: dict[str, Path], tmp_path: Path) -> None:
+    """The base model's encoder hash is recorded at first use; a changed model folder is exit 3, not chained."""
+    runs = tmp_path / "runs"
+    shutil.copytree(setup["runs"], runs)
+    model = shutil.copytree(setup["model"], tmp_path / "model")
+    doc = json.loads((runs / "workdir.json").read_text())
+    assert set(doc["settings"]["base_encoder_sha256"]) == {"model"}
+    doc["settings"]["base_model"] = str(model)
+    (runs / "workdir.json").write_text(json.dumps(doc))
+    _flip_byte(model / "model.safetensors", "vision_model.encoder.layers.0.self_attn.q_proj.weight")
+    res = _adapt(runs, model, setup["day2"])
+    assert res.returncode == ExitCode.BAD_INPUT and "base model's encoder changed" in res.stderr, res.stderr
+    assert Workdir.open(runs).current() == "0001" and [s.id for s in Workdir.open(runs).sessions()] == ["0001"]
+
+
+# --- remembered paths -------------------------------------------------------------------------------
+
+
+def _eval_from(cwd: Path, runs: Path, data: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lorsu_edge.cli.main", "eval", "--data", str(data), "--workdir",
+                           str(runs)], capture_output=True, text=True, env=_env(), timeout=300, cwd=cwd)
+
+
+def test_remembered_model_is_absolute_and_a_gone_folder_is_no_hub_id(setup: dict[str, Path], tmp_path: Path) -> None:
+    """Bug: workdir.json kept `--model fx/model` as typed, so from another directory it became a hub id."""
+    settings = Workdir.open(setup["runs"]).settings()
+    assert settings["base_model"] == str(setup["model"].resolve())  # made absolute by adapt
+    runs = shutil.copytree(setup["runs"], tmp_path / "runs")
+    doc = json.loads((runs / "workdir.json").read_text())
+    doc["settings"]["base_model"] = str(tmp_path / "gone" / "model")
+    (runs / "workdir.json").write_text(json.dumps(doc))
+    res = _eval_from(Path("/"), runs, setup["day1"])
+    assert res.returncode == ExitCode.BAD_INPUT and "model folder not found" in res.stderr, res.stderr
+    assert "hub" not in res.stderr.split("hint:")[0]
+
+
+def test_old_workdir_with_a_relative_model_resolves_beside_the_workdir(setup: dict[str, Path], tmp_path: Path) -> None:
+    """Workdirs written before paths were made absolute: `fx/model` is looked up next to the workdir."""
+    runs = shutil.copytree(setup["runs"], tmp_path / "site" / "runs")
+    shutil.copytree(setup["model"], tmp_path / "site" / "fx" / "model")
+    doc = json.loads((runs / "workdir.json").read_text())
+    doc["settings"]["base_model"] = "fx/model"
+    (runs / "workdir.json").write_text(json.dumps(doc))
+    res = _eval_from(Path("/"), runs, setup["day1"])  # from elsewhere: today a hub fetch of "fx/model"
+    assert res.returncode == 0, res.stderr
+    assert "session 0001: " in res.stdout

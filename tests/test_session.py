@@ -528,3 +528,19 @@ def test_damaged_pointer_hides_nothing_and_rollback_repairs_it(wd: Workdir) -> N
         assert [s.id for s in wd.sessions()] == ["0001", "0002"]
         assert wd.rollback("1") is None
     assert wd.current() == "0001" and [s.id for s in wd.sessions()] == ["0001", "0002"]
+
+
+# --- remembered paths -----------------------------------------------------------------------------
+
+
+def test_adapt_makes_local_paths_absolute_and_keeps_hub_ids(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bug: `--model fx/model` was remembered as typed and became a hub id from another directory."""
+    from lorsu_edge.adapt import AdaptOptions, with_absolute_paths
+
+    (tmp_path / "fx" / "model").mkdir(parents=True)
+    (tmp_path / "day").mkdir()
+    monkeypatch.chdir(tmp_path)
+    opts = with_absolute_paths(AdaptOptions(data=Path("day"), model="fx/model", control=Path("day")))
+    assert opts.model == str(tmp_path.resolve() / "fx" / "model")
+    assert opts.data == opts.control == tmp_path.resolve() / "day"
+    assert with_absolute_paths(AdaptOptions(data=Path("day"), model="org/name")).model == "org/name"

@@ -12,6 +12,7 @@ from lorsu_edge.cli.choices import Loss, Method, Quantize, TrainPrecision, check
 from lorsu_edge.cli.errors import handle_errors
 from lorsu_edge.cli.inbox import (DEFAULT_MAX_MEGAPIXELS, DEFAULT_MAX_SIZE, AllowOutsideData, MaxImageMegapixels,
                                   MaxImageSize, image_limits)
+from lorsu_edge.cli.prune import KEEP_HELP
 from lorsu_edge.config import MethodConfig, field_help
 from lorsu_edge.budget import SIZE_HELP, parse_size
 from lorsu_edge.distributed import is_main, shutdown
@@ -77,6 +78,8 @@ def command(
     max_image_size: MaxImageSize = DEFAULT_MAX_SIZE,
     max_image_megapixels: MaxImageMegapixels = DEFAULT_MAX_MEGAPIXELS,
     allow_outside_data: AllowOutsideData = False,
+    keep: Annotated[int | None, typer.Option(min=0, help=KEEP_HELP + "; pruned after each session; the workdir "
+                                                "remembers it (default: keep everything)")] = None,
     json_line: Annotated[bool, typer.Option("--json", help="print the result as one JSON line")] = False,
     progress: Annotated[bool, typer.Option(help="show progress bars")] = True,
     track: Annotated[str | None, typer.Option(help="MLflow tracking URI for this box's nights, or `off` (remembered; "
@@ -95,7 +98,7 @@ def command(
             train=TrainConfig(epochs, batch_size, None, lr, weight_decay, warmup_ratio, max_grad_norm,
                               precision, seed),
             min_new_samples=min_new_samples, control=control, eval_data=eval_data, max_forgetting=max_forgetting,
-            max_total_forgetting=max_total_forgetting, save_full=save_full, show_progress=progress,
+            max_total_forgetting=max_total_forgetting, save_full=save_full, keep=keep, show_progress=progress,
             image_limits=image_limits(max_image_size, max_image_megapixels), allow_outside_data=allow_outside_data,
             track=check_track(track),
         )

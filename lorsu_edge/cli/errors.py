@@ -5,7 +5,6 @@ Set LORSU_EDGE_DEBUG=1 to get the traceback instead (for bug reports).
 
 from __future__ import annotations
 
-import errno
 import functools
 import os
 from collections.abc import Callable
@@ -13,6 +12,7 @@ from typing import TypeVar
 
 import typer
 
+from lorsu_edge.atomic import storage_error
 from lorsu_edge.errors import ExitCode, LorsuError
 
 F = TypeVar("F", bound=Callable)
@@ -44,17 +44,14 @@ def handle_errors(fn: F) -> F:
             raise fail(e.message, e.hint, int(e.exit_code)) from None
         except KeyboardInterrupt:
             raise fail("interrupted", "nothing already saved was changed", int(ExitCode.INTERRUPTED)) from None
-        except OSError as e:
+        except Exception as e:  # a full disk raised by a library (OSError, SafetensorError), else a bug
             if debug():
                 raise
-            if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
-                raise fail(f"cannot write: {e}", "free disk space or fix permissions; the current model is untouched",
-                           int(ExitCode.IO)) from None
-            raise fail(f"{type(e).__name__}: {e}", "set LORSU_EDGE_DEBUG=1 for the traceback",
-                       int(ExitCode.INTERNAL)) from None
-        except Exception as e:  # a bug: still one line, the traceback on request
-            if debug():
-                raise
+            if (err := storage_error(e, getattr(e, "filename", None) or "a file")) is not None:
+                raise fail(err.message, err.hint, int(ExitCode.IO)) from None
+            if isinstance(e, OSError):
+                raise fail(f"{type(e).__name__}: {e}", "set LORSU_EDGE_DEBUG=1 for the traceback",
+                           int(ExitCode.INTERNAL)) from None
             raise fail(f"internal error: {type(e).__name__}: {e}",
                        "set LORSU_EDGE_DEBUG=1 and report the traceback", int(ExitCode.INTERNAL)) from None
 

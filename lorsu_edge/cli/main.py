@@ -32,7 +32,7 @@ def _root(
 
 
 def _register() -> None:
-    from lorsu_edge.cli import adapt, demo, eval, export, fleet, history, models, plan, profiles, rollback
+    from lorsu_edge.cli import adapt, demo, eval, export, fleet, history, models, plan, profiles, prune, rollback
 
     app.command("demo")(demo.command)
     app.command("adapt")(adapt.command)
@@ -42,6 +42,7 @@ def _register() -> None:
     app.command("profiles")(profiles.command)
     app.command("history")(history.command)
     app.command("rollback")(rollback.command)
+    app.command("prune")(prune.command)
     app.add_typer(models.app, name="models")
     app.add_typer(fleet.app, name="fleet")
 

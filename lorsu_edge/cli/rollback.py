@@ -23,12 +23,16 @@ def command(
         "lorsu-runs"),
 ) -> None:
     """Move the current-model pointer; no session is deleted, so a rollback can itself be undone."""
+    from lorsu_edge.retention import restore_encoder
     from lorsu_edge.session import Workdir
 
     wd = Workdir.open(workdir)
     with wd.lock() as recovery:
         if recovery.summary():
             typer.echo(f"note: {recovery.summary()}", err=True)
+        sid = wd.normalize_id(target)
+        if sid is not None and wd.session(sid).accepted:  # a pruned encoder is rebuilt before it is current
+            restore_encoder(wd, sid, wd.remembered("base_model"))
         previous = wd.rollback(target)
         current = wd.current()
         wd.log_run({"verb": "rollback", "from": previous, "to": current, "exit_code": 0})
