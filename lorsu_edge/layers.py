@@ -255,9 +255,11 @@ class HeadLoRALinear(_Mergeable):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return self.base(x)
+        x = x.to(_compute_dtype(x))  # once: autocast would cast it again for each of the two matmuls
         y = F.linear(x, self.base.weight, self._bias())
         if self.rows.numel() == 0:
             return y
         low = F.linear(x, self.lora_A).unflatten(-1, (self.parts, self.rank))
         out = torch.einsum("...pr,pnr->...pn", low, self.lora_B.to(low.dtype)).flatten(-2)
-        return y.index_add(-1, self.rows, (out * self.scaling).to(y.dtype))
+        # in place: y is F.linear's fresh output, which its backward does not need (no copy of y)
+        return y.index_add_(-1, self.rows, (out * self.scaling).to(y.dtype))

@@ -75,6 +75,16 @@ def test_bench_flops_smoke(tmp_path):
         assert rows[name]["trainable_params"] == expected_trainable(method, _tiny_vision()), name
 
 
+def test_bench_block_cost_smoke(tmp_path):
+    """The ledger times both parts of the row split: a selection that put every row on one kernel (all dense,
+    or all sampled) would leave the other part's cost out of the table it explains."""
+    doc, stdout = _smoke("bench_block_cost", tmp_path)
+    (r,) = doc["results"]
+    fc1 = r["fc1"]
+    assert 0 < fc1["dense_rows"] < 64 and 0.05 < fc1["entries"] / (64 * 32) < 0.15
+    assert all(v > 0 for k, v in {**fc1, **r["q"]}.items() if k.endswith("_s"))
+    assert "per block: lorsu +" in stdout
+
 def test_bench_cost_smoke(tmp_path):
     doc, _ = _smoke("bench_cost", tmp_path, "--threads", "1")
     rows = {r["method"]: r for r in doc["results"]["tiny"]}
