@@ -80,8 +80,12 @@ def test_torchrun_two_processes_match_one(tmp_path):
     assert indices and all(torch.equal(ad_a[k], ad_b[k]) for k in indices)  # same fc1 entries and head rows
     base = {k: v for k, v in load_file(str(clip / "model.safetensors")).items()}
     enc_a, enc_b = load_file(str(a / "encoder.safetensors")), load_file(str(b / "encoder.safetensors"))
-    delta_a = torch.cat([(enc_a[k] - base[k]).flatten() for k in sorted(enc_b)])
-    delta_b = torch.cat([(enc_b[k] - base[k]).flatten() for k in sorted(enc_b)])
+    # The key projection's bias cannot change attention (softmax is shift-invariant over keys: q.b_k is the
+    # same for every key), so its true gradient is 0 and Adam turns the rounding noise of either run into
+    # full-size steps of arbitrary sign: compare everything else.
+    names = sorted(k for k in enc_b if not k.endswith("k_proj.bias"))
+    delta_a = torch.cat([(enc_a[k] - base[k]).flatten() for k in names])
+    delta_b = torch.cat([(enc_b[k] - base[k]).flatten() for k in names])
     assert delta_b.norm() > 0
     rel = ((delta_a - delta_b).norm() / delta_b.norm()).item()
     print(f"relative encoder delta difference: {rel:.2e}")
