@@ -242,6 +242,22 @@ def base_parser(doc: str) -> argparse.ArgumentParser:
     return ap
 
 
+def kernel_parser(doc: str, shapes: list[str], repeats: int) -> argparse.ArgumentParser:
+    """base_parser plus the per-kernel scripts' shape list, repeat count and thread count."""
+    ap = base_parser(doc)
+    ap.add_argument("--shapes", nargs="+", choices=shapes, default=shapes)
+    ap.add_argument("--repeats", type=int, default=repeats)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (CPU time is summed over them)")
+    return ap
+
+
+def report(doc: dict[str, Any], text: str, name: str, args: argparse.Namespace) -> int:
+    """Print a script's table, write its JSON (see write_results) and say where; the scripts' exit code."""
+    print(text)
+    print(f"wrote {write_results(doc, name, args.smoke, args.results_dir)}")
+    return 0
+
+
 def env_info() -> dict[str, Any]:
     import transformers
 

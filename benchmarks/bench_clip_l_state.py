@@ -175,9 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
     args = ap.parse_args(argv)
     doc = run(args)
-    print(table(doc))
-    print(f"wrote {C.write_results(doc, 'bench_clip_l_state', args.smoke, args.results_dir)}")
-    return 0
+    return C.report(doc, table(doc), "bench_clip_l_state", args)
 
 
 if __name__ == "__main__":

@@ -271,9 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     print("warning: this machine must be otherwise idle while this runs (2 cores: another busy process "
           "slows each step several-fold); only ratios within one run are meaningful.", flush=True)
     doc = run(args)
-    print(table(doc))
-    print(f"wrote {C.write_results(doc, 'bench_cost', args.smoke, args.results_dir)}")
-    return 0
+    return C.report(doc, table(doc), "bench_cost", args)
 
 
 if __name__ == "__main__":

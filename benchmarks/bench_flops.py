@@ -331,9 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(1)  # fake tensors compute nothing; no reason to take cores from others
     doc = run(args)
-    print(table(doc))
-    print(f"wrote {C.write_results(doc, 'bench_flops', args.smoke, args.results_dir)}")
-    return 0
+    return C.report(doc, table(doc), "bench_flops", args)
 
 
 if __name__ == "__main__":

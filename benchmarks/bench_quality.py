@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -158,6 +159,7 @@ def continual_main(argv: list[str]) -> int:
     p.add_argument("--smoke", action="store_true", help="tiny CLIP that knows colours + toy images")
     p.add_argument("--out", type=Path, default=None, help="default: results/continual.json (_smoke with --smoke)")
     args = p.parse_args(argv)
+    os.environ.setdefault("LORSU_EDGE_TRACK", "off")  # MLflow's local store costs seconds a night; not measured here
     args.out = args.out or RESULTS / ("continual_smoke.json" if args.smoke else "continual.json")
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -170,7 +172,8 @@ def continual_main(argv: list[str]) -> int:
             for seed in args.seeds:
                 nights, eval_dir = C.build_target(target, root / f"data-{target}-{seed}", args.shots,
                                                   args.eval_per_class, seed)
-                data = {"nights": nights, "eval": eval_dir, "control": control, "anchor": anchor}
+                data = {"nights": nights, "eval": eval_dir, "control": control, "anchor": anchor,
+                        "base_all": C.base_accuracy(model, eval_dir)}
                 for method in args.methods:
                     for name in args.variants:
                         runs.append(C.run_one(target, method, C.VARIANTS[name], seed, args.lr, args.epochs, model,
@@ -178,10 +181,11 @@ def continual_main(argv: list[str]) -> int:
                         print(f"  {target} {method} {name} seed {seed} done ({time.perf_counter() - t0:.0f} s)",
                               file=sys.stderr)
     summary = C.summarise(runs)
-    print(f"{'target':8} {'method':6} {'variant':20} {'final':>12} {'night 1':>12} {'control':>12} "
+    print(f"{'target':8} {'method':6} {'variant':23} {'final':>12} {'gain':>12} {'night 1':>12} {'control':>12} "
           f"{'acc/scaled/rej':>15} {'trainable':>11}")
     for s in summary:
-        print(f"{s['target']:8} {s['method']:6} {s['variant']:20} {s['final_target'][0]:7.1f}±{s['final_target'][1]:<4} "
+        print(f"{s['target']:8} {s['method']:6} {s['variant']:23} {s['final_target'][0]:7.1f}±{s['final_target'][1]:<4} "
+              f"{s['target_gain'][0]:+7.1f}±{s['target_gain'][1]:<4} "
               f"{s['night1_after_last'][0]:7.1f}±{s['night1_after_last'][1]:<4} {s['control_change'][0]:+7.1f}±"
               f"{s['control_change'][1]:<4} {s['accepted']:>5}/{s['scaled']}/{s['rejected']:<5} {s['trainable_params']:>11,}")
     args.out.parent.mkdir(parents=True, exist_ok=True)

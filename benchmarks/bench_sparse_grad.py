@@ -105,16 +105,10 @@ def table(doc: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = C.base_parser(__doc__)
-    ap.add_argument("--shapes", nargs="+", choices=[s[0] for s in SHAPES], default=[s[0] for s in SHAPES])
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (CPU time is summed over them)")
-    args = ap.parse_args(argv)
+    args = C.kernel_parser(__doc__, [s[0] for s in SHAPES], repeats=5).parse_args(argv)
     warnings.simplefilter("ignore")
     doc = run(args)
-    print(table(doc))
-    print(f"wrote {C.write_results(doc, 'bench_sparse_grad', args.smoke, args.results_dir)}")
-    return 0
+    return C.report(doc, table(doc), "bench_sparse_grad", args)
 
 
 if __name__ == "__main__":

@@ -185,9 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         print("the default VLM is not built: run `lorsu-edge models build vlm` (minutes) first; nothing measured")
         return 1
     doc = run(args)
-    print(table(doc))
-    print(f"wrote {C.write_results(doc, result_name(args), args.smoke, args.results_dir)}")
-    return 0
+    return C.report(doc, table(doc), result_name(args), args)
 
 
 if __name__ == "__main__":

@@ -12,8 +12,6 @@ import hashlib
 import json
 import logging
 import math
-import os
-import signal
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
@@ -47,7 +45,7 @@ from lorsu_edge.save_full import save_full
 from lorsu_edge.score import candidate_paths, compute_importance
 from lorsu_edge.replay import write_buffer
 from lorsu_edge.session import (ENCODER_FILE, REPORT_FILE, SAMPLES_FILE, Workdir, absolute_source, after_commit,
-                                graceful_sigterm)
+                                fault_point, graceful_sigterm)
 from lorsu_edge.track import record_night
 from lorsu_edge.train import TrainConfig, autocast_factory, resolve_precision, train
 
@@ -92,12 +90,6 @@ class AdaptResult:
     session: str | None  # the session written (accepted or rejected); the current one for "nothing-new"
     report: dict[str, Any]
     message: str = ""
-
-
-def fault_point(phase: str) -> None:
-    """Test hook: LORSU_EDGE_FAULT=<phase> kills the process here (SIGKILL: no cleanup runs)."""
-    if os.environ.get("LORSU_EDGE_FAULT") == phase:
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def pick_device(device: str) -> torch.device:

@@ -23,7 +23,7 @@ from torch import nn
 from lorsu_edge.consumer import image_features
 from lorsu_edge.errors import BadInputError
 from lorsu_edge.families import EncoderSpec
-from lorsu_edge.losses import Batch, _images
+from lorsu_edge.losses import Batch, pixel_values
 from lorsu_edge.samples import IMAGE_EXTENSIONS, Sample, read_samples
 
 
@@ -70,7 +70,7 @@ class AnchorObjective:
     def make_batch(self, samples: list[Sample]) -> Batch:
         batch = self.task.make_batch(samples)
         rows = self._slice(len(samples))
-        batch.inputs["anchor_pixels"] = _images(self.processor, [self.anchors[i] for i in rows])
+        batch.inputs["anchor_pixels"] = pixel_values(self.processor, [self.anchors[i] for i in rows])
         batch.inputs["anchor_rows"] = torch.tensor(rows)
         return batch
 
@@ -94,7 +94,7 @@ def start_features(model: nn.Module, spec: EncoderSpec, processor: Any, anchors:
         out = []
         for i in range(0, len(anchors), batch_size):
             with autocast():
-                out.append(image_features(model, spec, _images(processor, anchors[i:i + batch_size]).to(device))
+                out.append(image_features(model, spec, pixel_values(processor, anchors[i:i + batch_size]).to(device))
                            .float().cpu())
     finally:
         model.train(was_training)

@@ -14,7 +14,8 @@ from lorsu_edge.errors import BadInputError
 METHODS = ("lorsu", "lora", "spu", "full")
 
 
-def _help(text: str, **kw) -> dict:
+def help_meta(text: str, **kw) -> dict:
+    """field() arguments that carry the CLI help text: `field(default=1, **help_meta("..."))`."""
     return dict(metadata={"help": text}, **kw)
 
 
@@ -22,13 +23,13 @@ def _help(text: str, **kw) -> dict:
 class MethodConfig:
     """Which encoder parameters a session may change, and how."""
 
-    method: str = field(default="lorsu", **_help("lorsu | lora (q/k/v, all heads) | spu (sparse fc1) | full"))
-    sparsity: float = field(default=0.1, **_help("fraction of each block's fc1 weight entries to update (lorsu, spu)"))
-    top_k_heads: int = field(default=2, **_help("attention heads per block whose q/k/v rows get LoRA (lorsu)"))
-    rank: int = field(default=64, **_help("LoRA rank (lorsu, lora)"))
-    alpha: float = field(default=64.0, **_help("LoRA alpha; the update is scaled by alpha / rank"))
-    importance_samples: int = field(default=1000, **_help("samples used to score parameter importance"))
-    qkv_bias: bool | None = field(default=None, **_help(
+    method: str = field(default="lorsu", **help_meta("lorsu | lora (q/k/v, all heads) | spu (sparse fc1) | full"))
+    sparsity: float = field(default=0.1, **help_meta("fraction of each block's fc1 weight entries to update (lorsu, spu)"))
+    top_k_heads: int = field(default=2, **help_meta("attention heads per block whose q/k/v rows get LoRA (lorsu)"))
+    rank: int = field(default=64, **help_meta("LoRA rank (lorsu, lora)"))
+    alpha: float = field(default=64.0, **help_meta("LoRA alpha; the update is scaled by alpha / rank"))
+    importance_samples: int = field(default=1000, **help_meta("samples used to score parameter importance"))
+    qkv_bias: bool | None = field(default=None, **help_meta(
         "lorsu: train q/k/v biases too (default: yes with --loss clip, no with --loss ppl, as the research code)"))
 
     def __post_init__(self) -> None:
@@ -93,18 +94,18 @@ class ContinualConfig:
 
     # off by default: on the demo, 0.5 with 100 anchors at weight 10 cut session 1's target gain from
     # +29 to +2 points (README); the default is to be chosen with bench_quality.py --continual
-    class_weight: float = field(default=0.0, **_help(
+    class_weight: float = field(default=0.0, **help_meta(
         "share of the class-aware term (each image scored against every label seen so far and the control "
         "set's labels) beside the in-batch contrastive loss, which keeps 1 - this share; 0 (default) = off"))
-    anchor_weight: float = field(default=10.0, **_help(
+    anchor_weight: float = field(default=10.0, **help_meta(
         "weight of the anchor distillation term (1 - cosine to the night-start model's embeddings of the "
         "--anchor images); used only with an anchor set"))
-    anchor_samples: int = field(default=100, **_help("anchor images used per night (the first N, sorted)"))
-    replay: int = field(default=0, **_help(
+    anchor_samples: int = field(default=100, **help_meta("anchor images used per night (the first N, sorted)"))
+    replay: int = field(default=0, **help_meta(
         "samples of earlier accepted nights mixed (class-balanced) into each night's scoring and training; "
         "the workdir keeps a bounded copy of them; 0 = off"))
-    replay_capacity: int = field(default=500, **_help("most samples the workdir's replay buffer keeps"))
-    on_forgetting: str = field(default="scale", **_help(
+    replay_capacity: int = field(default=500, **help_meta("most samples the workdir's replay buffer keeps"))
+    on_forgetting: str = field(default="scale", **help_meta(
         "when a session breaks a forgetting limit: scale (keep the largest fraction alpha of the update that "
         "passes, if it still improves the target) or reject"))
 

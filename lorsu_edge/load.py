@@ -276,14 +276,14 @@ def load_vlm_tower_in_dual(vlm_source: str, text_model: str, device: str = "cpu"
     from lorsu_edge.families import used_blocks_for
 
     dual.spec.used_blocks = used_blocks_for(len(dual.spec.blocks), getattr(vlm_config, "vision_feature_layer", None))
-    vlm_keys = _vlm_tower_keys(vlm_config)
+    vlm_keys = vlm_tower_keys(vlm_config)
     dual.encoder_names = {dual.spec.param_prefix + full: prefix + vlm_keys[short] for short, full in tower_keys.items()}
     dual.source, dual.path = vlm_source, vlm_path
     dual.notes.append(f"clip loss through {text_model}; the VLM's language model is not loaded")
     return dual
 
 
-def _vlm_tower_keys(vlm_config) -> dict[str, str]:
+def vlm_tower_keys(vlm_config) -> dict[str, str]:
     """{short key: key in the VLM's in-memory tower}, from the tower class built on the meta device
     (no memory, no weights): CLIPVisionModel keeps a `vision_model.` root in 4.57, not in 5.x."""
     from transformers import AutoModel

@@ -54,7 +54,8 @@ def check_loss(loss: str, role: str, has_text_model: bool) -> None:
                             hint="load a dual encoder (CLIPModel, SiglipModel, VisionTextDualEncoderModel)")
 
 
-def _images(processor: Any, samples: list[Sample]) -> torch.Tensor:
+def pixel_values(processor: Any, samples: list[Sample]) -> torch.Tensor:
+    """The samples' images through the model's image processor (safe decoding, each sample's caps)."""
     image_processor = getattr(processor, "image_processor", processor)
     return image_processor([load_image(s.path, s.limits) for s in samples], return_tensors="pt")["pixel_values"]
 
@@ -95,7 +96,7 @@ class ContrastiveObjective:
         class_ids = None
         if self.classes:
             class_ids = torch.tensor([-1 if s.is_vqa else self.class_rows.get(s.label, -1) for s in samples])
-        return Batch({"pixel_values": _images(self.processor, samples), "captions": list(captions)},
+        return Batch({"pixel_values": pixel_values(self.processor, samples), "captions": list(captions)},
                      len(samples), torch.tensor([group_ids[k] for k in keys]), class_ids)
 
     def prototypes(self) -> torch.Tensor:

@@ -544,7 +544,7 @@ class Workdir:
         with storage_errors(str(target)):
             os.rename(partial, target)
             fsync_dir(self.sessions_root)
-        _fault_point("commit")  # the narrowest window: renamed, pointer not yet moved
+        fault_point("commit")  # the narrowest window: renamed, pointer not yet moved
         try:
             self._write_pointer(sid if accepted else parent, sid)
         except BaseException:
@@ -694,8 +694,8 @@ def _ends_without_newline(fd: int) -> bool:
     return size > 0 and os.pread(fd, 1, size - 1) != b"\n"
 
 
-def _fault_point(phase: str) -> None:
-    """Test hook shared with the recipe: LORSU_EDGE_FAULT=<phase> SIGKILLs the process here,
+def fault_point(phase: str) -> None:
+    """Test hook shared with adapt's phases: LORSU_EDGE_FAULT=<phase> SIGKILLs the process here,
     LORSU_EDGE_FAULT=<phase>:SIGTERM sends it a SIGTERM (a graceful stop) instead."""
     fault = os.environ.get("LORSU_EDGE_FAULT", "")
     if fault == phase:

@@ -13,14 +13,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lorsu_edge.config import _help
+from lorsu_edge.config import help_meta
 from lorsu_edge.errors import BadInputError, DataError
 from lorsu_edge.export.inputs import FOLDS, PARITY_BATCHES
 from lorsu_edge.export.pipeline import (CALIBRATION_IMAGES, DEFAULT_OPSET, INTERRUPTED_HINT, ExportResult, check_request,
                                         export_onnx)
 from lorsu_edge.families import find_encoder, locate_tower
 from lorsu_edge.session import graceful_sigterm
-from lorsu_edge.load import (Loaded, SessionRef, _vlm_tower_keys, apply_session, load_model, load_processor,
+from lorsu_edge.load import (Loaded, SessionRef, vlm_tower_keys, apply_session, load_model, load_processor,
                              read_config, resolve_session, resolve_source, vlm_tower_tensors)
 
 
@@ -29,24 +29,24 @@ class ExportRequest:
     """What `lorsu-edge export` can be told (CLI flags map 1:1 onto these fields; help text from here)."""
 
     workdir: Path = Path("lorsu-runs")
-    session: str | None = field(default=None, **_help("Session id to export (default: the current model)."))
-    base: bool = field(default=False, **_help("Export the unadapted base encoder."))
-    model: str | None = field(default=None, **_help("Base model folder or hub id (default: the workdir's). "
+    session: str | None = field(default=None, **help_meta("Session id to export (default: the current model)."))
+    base: bool = field(default=False, **help_meta("Export the unadapted base encoder."))
+    model: str | None = field(default=None, **help_meta("Base model folder or hub id (default: the workdir's). "
                                                      "With --base, works without a workdir."))
-    out: Path | None = field(default=None, **_help(
+    out: Path | None = field(default=None, **help_meta(
         "Output .onnx path (default: <workdir>/exports/[fold-<dtype>/]encoder-<session|base>-<precision>.onnx); "
         "the sidecar goes to <out>.json, preprocessor_config.json beside it."))
-    precision: str = field(default="fp32", **_help(
+    precision: str = field(default="fp32", **help_meta(
         "fp32 (exact) | fp16 (LayerNorm kept fp32) | int8 (dynamic, for CPU runtimes) | int8-qdq (static Q/DQ "
         "calibrated on real images: TensorRT int8, and CPU)."))
-    opset: int = field(default=DEFAULT_OPSET, **_help(
+    opset: int = field(default=DEFAULT_OPSET, **help_meta(
         f"ONNX opset ({DEFAULT_OPSET}, the dynamo exporter's own, is tested)."))
-    with_projector: bool = field(default=False, **_help(
+    with_projector: bool = field(default=False, **help_meta(
         "VLMs: include the multimodal projector (LLM-ready image embeddings)."))
-    images: Path | None = field(default=None, **_help(
+    images: Path | None = field(default=None, **help_meta(
         "Images for the parity proof and int8-qdq's calibration (default: the session's data folder if it still "
         "exists, else random pixels; calibration adds the workdir's control set)."))
-    fold_normalize: str | None = field(default=None, **_help(
+    fold_normalize: str | None = field(default=None, **help_meta(
         "uint8 | float: the graph takes raw RGB NCHW pixels (0..255 uint8, or 0..1 float) and rescales and "
         "normalises inside (no resize), for DeepStream and camera pipelines."))
 
@@ -127,7 +127,7 @@ def load_vlm_image_path(source: str) -> Loaded:
         model = tf.LlavaForConditionalGeneration(config)
     _, tower_path, _ = locate_tower(model)
     tower = tf.AutoModel.from_config(config.vision_config).float()  # real, so non-persistent buffers are right
-    short_to_full = _vlm_tower_keys(config)
+    short_to_full = vlm_tower_keys(config)
     tensors, _ = vlm_tower_tensors(path)
     projector_path = next(n for n, m in model.named_modules() if m is consumer.projector(model))
     projector = type(consumer.projector(model))(config).float()

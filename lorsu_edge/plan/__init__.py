@@ -32,11 +32,9 @@ from lorsu_edge.plan.make import (
     resolve_quantize,
 )
 from lorsu_edge.plan.phases import (
-    DTYPE_BYTES,
     LLM_BYTES,
     MARGIN_FRACTION,
     MARGIN_MIN,
-    PHASES,
     QUANT_BYTES,
     Component,
     Phase,
@@ -54,8 +52,8 @@ SIM_LLM_LAYERS = 2
 SIM_TEXT_LAYERS = 1
 
 __all__ = [
-    "ASSUMED_TEXT_CONFIG", "CAPTION_TOKENS", "DTYPE_BYTES", "DTYPE_CHOICES", "LLM_BYTES", "LOSSES", "MARGIN_FRACTION",
-    "MARGIN_MIN", "PHASES", "QUANTIZE_CHOICES", "QUANT_BYTES", "SIM_BLOCKS", "SIM_LLM_LAYERS", "SIM_TEXT_LAYERS",
+    "ASSUMED_TEXT_CONFIG", "CAPTION_TOKENS", "DTYPE_CHOICES", "LLM_BYTES", "LOSSES", "MARGIN_FRACTION",
+    "MARGIN_MIN", "QUANTIZE_CHOICES", "QUANT_BYTES", "SIM_BLOCKS", "SIM_LLM_LAYERS", "SIM_TEXT_LAYERS",
     "TEXT_TOKENS", "AdapterSize", "Arch", "Component", "Phase", "Plan", "Settings", "activation_bytes",
     "adapter_size", "apply_checkpointing", "block_groups", "check_fits", "describe", "format_plan", "ladder",
     "make_plan", "read_config", "remove_checkpointing", "resolve_dtype", "resolve_profile", "resolve_quantize",

@@ -29,8 +29,6 @@ from lorsu_edge.plan.arch import Arch
 from lorsu_edge.plan.simulate import activation_bytes
 from lorsu_edge.profiles import Profile
 
-PHASES = ("load", "importance", "train", "merge", "export")
-DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 # bitsandbytes storage per weight: int8 (+ one fp32 scale per row, ignored); NF4 + one fp32 absmax per 64.
 QUANT_BYTES = {"8bit": 1.0, "4bit": 0.5 + 4 / 64}
 LLM_BYTES = 2  # load.py keeps an unquantized LLM in bf16 whatever the compute dtype
