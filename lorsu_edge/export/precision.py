@@ -194,3 +194,53 @@ def toposort(graph: Any) -> None:
         c.CopyFrom(n)
     del graph.node[:]
     graph.node.extend(copies)
+
+
+def smooth_layer_norms(src: Path, dst: Path, external: bool, feeds: Sequence[np.ndarray], alpha: float) -> int:
+    """SmoothQuant folded into the graph's own weights: for each LayerNormalization whose output only feeds
+    weight MatMuls, channel j of its scale and bias is divided by s_j and row j of those MatMuls' weights
+    multiplied by it (the float graph computes the same), with s_j = max|x_j|^alpha / max|w_j|^(1 - alpha)
+    over `feeds`. Per-tensor activation ranges then no longer have to span a few outlier channels. Returns
+    how many LayerNorms were smoothed."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    proto = onnx.load(str(src))
+    graph = proto.graph
+    inits = {t.name: t for t in graph.initializer}
+    users: dict[str, list[Any]] = {}
+    for n in graph.node:
+        for i in n.input:
+            users.setdefault(i, []).append(n)
+    norms = [n for n in graph.node if n.op_type == "LayerNormalization" and len(n.input) == 3
+             and all(i in inits for i in n.input[1:]) and users.get(n.output[0])
+             and all(u.op_type == "MatMul" and u.input[1] in inits and u.input[0] == n.output[0]
+                     for u in users[n.output[0]])]
+    if not norms:
+        _save(proto, dst, external)
+        return 0
+    probe = onnx.ModelProto()
+    probe.CopyFrom(proto)
+    probe.graph.output.extend(onnx.helper.make_tensor_value_info(n.output[0], onnx.TensorProto.FLOAT, None)
+                              for n in norms)
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    names = [n.output[0] for n in norms]
+    amax = {k: np.zeros(0, np.float32) for k in names}
+    for feed in feeds:
+        for k, v in zip(names, sess.run(names, {INPUT_NAME: feed})):
+            m = np.abs(v).reshape(-1, v.shape[-1]).max(0)
+            amax[k] = m if not amax[k].size else np.maximum(amax[k], m)
+    for n in norms:
+        mats = [numpy_helper.to_array(inits[u.input[1]]) for u in users[n.output[0]]]
+        wmax = np.max([np.abs(w).max(1) for w in mats], axis=0)
+        s = (np.maximum(amax[n.output[0]], 1e-5) ** alpha / np.maximum(wmax, 1e-5) ** (1 - alpha)).astype(np.float32)
+        s = np.clip(s, 1e-2, 1e2)
+        for name, op in ((n.input[1], np.divide), (n.input[2], np.divide)):
+            inits[name].CopyFrom(numpy_helper.from_array(op(numpy_helper.to_array(inits[name]), s), name))
+        for u, w in zip(users[n.output[0]], mats):
+            inits[u.input[1]].CopyFrom(numpy_helper.from_array(w * s[:, None], u.input[1]))
+    _save(proto, dst, external)
+    return len(norms)
