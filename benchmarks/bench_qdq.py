@@ -6,7 +6,8 @@ Exports the fp32 file once, collects activation histograms once on bench_export'
 symmetric int8 activations: what TensorRT takes) and scores it on bench_export's held-out 32 + 32 images.
 
     python benchmarks/bench_qdq.py                      # writes benchmarks/results/bench_qdq.json
-    python benchmarks/bench_qdq.py --sensitivity        # also: each weight MatMul quantized alone
+    python benchmarks/bench_qdq.py --sensitivity        # also: each weight MatMul quantized alone, and the
+                                                        # worst k left float
 """
 
 from __future__ import annotations
@@ -85,12 +86,15 @@ def quantize(src: Path, dst: Path, tensors_range, nodes: list[str], extra: dict 
     return dst
 
 
-def all_weight_matmuls(path: Path) -> list[str]:
+def all_weight_matmuls(path: Path) -> tuple[list[str], list[str]]:
+    """(every weight MatMul, those without the MLP's second layer), in graph order."""
     import onnx
 
     graph = onnx.load(str(path), load_external_data=False).graph
     weights = {t.name for t in graph.initializer}
-    return [n.name for n in graph.node if n.op_type in prec.INT8_OP_TYPES and any(i in weights for i in n.input)]
+    producer = {o: n.op_type for n in graph.node for o in n.output}
+    nodes = [n for n in graph.node if n.op_type in prec.INT8_OP_TYPES and any(i in weights for i in n.input)]
+    return [n.name for n in nodes], [n.name for n in nodes if producer.get(n.input[0]) not in prec.MLP_OUT_INPUTS]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="with --sensitivity: leave the k most damaging MatMuls float, for each k")
     ap.add_argument("--float-last", type=int, nargs="*", default=[1, 2],
                     help="leave the last k blocks' MatMuls and the head float, for each k")
-    ap.add_argument("--alphas", type=float, nargs="*", default=[0.5, 0.75], help="SmoothQuant alphas to try")
+    ap.add_argument("--alphas", type=float, nargs="*", default=[0.5, 0.75, 0.9], help="SmoothQuant alphas to try")
     ap.add_argument("--results-dir", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -127,8 +131,10 @@ def main(argv: list[str] | None = None) -> int:
         src = export_onnx(model, spec, proc, tmp / "fp32" / "enc.onnx", precision="fp32",
                           sample_images=heldout["textile"][:3]).path
         record("fp32", src, [])
-        weights = all_weight_matmuls(src)
-        current = prec.weight_matmuls(src)  # without the MLP's second layer
+        weights, current = all_weight_matmuls(src)
+        if args.only is None or any("exported" in o for o in args.only):
+            shipped = prec.to_precision(src, "int8-qdq", tmp / "q.onnx", False, feeds)
+            record("int8-qdq as exported (to_precision)", shipped, prec.weight_matmuls(src))
         pct = histograms(src, feeds, "Percentile", tmp)
         configs: dict[str, Any] = {
             f"percentile {p} (weights w/o fc2)": (lambda p=p: ranges(pct, percentile=p), current)
