@@ -83,6 +83,37 @@ def test_int8_qdq_is_qdq_on_weight_matmuls_and_meets_its_bound(tmp_path):
         TOLERANCES["int8-qdq"].min_cosine
 
 
+def test_smoothquant_fold_keeps_the_float_graph_and_int8_qdq_leaves_the_last_block_float(tmp_path):
+    from lorsu_edge.export.precision import MLP_OUT_INPUTS, smooth_layer_norms, weight_matmuls
+
+    model = tiny_model("clip")
+    with torch.no_grad():  # non-zero LayerNorm biases (init: zeros), so a fold that forgets them shows
+        for m in model.modules():
+            if isinstance(m, torch.nn.LayerNorm):
+                m.bias.normal_(0, 0.5)
+    spec, proc = find_encoder(model), _image_processor("clip")
+    imgs = _images(tmp_path / "img")
+    src = export_onnx(model, spec, proc, tmp_path / "f.onnx", precision="fp32", sample_images=imgs[:3]).path
+    feed = image_batch(proc, imgs).feed
+    dst = tmp_path / "smoothed.onnx"
+    assert smooth_layer_norms(src, dst, False, [feed[:3], feed[3:]], 0.75) > 0
+    # the fold moves scale between LayerNorms and the next weights: weights change, outputs do not
+    before = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(str(src)).graph.initializer}
+    after = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(str(dst)).graph.initializer}
+    assert any(k in before and not np.array_equal(before[k], v) for k, v in after.items())
+    out_src = onnx_session(src).run(None, {"pixel_values": feed})[0]
+    out_dst = onnx_session(dst).run(None, {"pixel_values": feed})[0]
+    np.testing.assert_allclose(out_dst, out_src, rtol=1e-4, atol=1e-5 * np.abs(out_src).max())
+    # int8-qdq quantizes a prefix of the weight MatMuls (fc2 excepted): the last block and the head stay float
+    graph = onnx.load(str(dst)).graph
+    weights = {t.name for t in graph.initializer}
+    producer = {o: n.op_type for n in graph.node for o in n.output}
+    candidates = [n.name for n in graph.node if n.op_type in ("MatMul", "Gemm") and any(i in weights for i in n.input)
+                  and producer.get(n.input[0]) not in MLP_OUT_INPUTS]
+    chosen = weight_matmuls(dst)
+    assert 0 < len(chosen) < len(candidates) and chosen == candidates[:len(chosen)]
+
+
 def test_int8_qdq_without_images_is_refused_before_writing(tmp_path):
     model = tiny_model("clip_vision")
     with pytest.raises(BadInputError, match="calibrates"):
