@@ -45,6 +45,8 @@ VARIANTS = {
     "scale+replay": Variant("scale+replay", replay=10),
     "scale+anchor": Variant("scale+anchor", anchor=True),
     "scale+anchor+replay": Variant("scale+anchor+replay", anchor=True, replay=10),
+    "scale-c0": Variant("scale-c0", class_weight=0.0),
+    "scale+anchor-c0": Variant("scale+anchor-c0", anchor=True, class_weight=0.0),
     "scale+anchor+replay-c0": Variant("scale+anchor+replay-c0", anchor=True, replay=10, class_weight=0.0),
 }
 
@@ -214,6 +216,10 @@ def summarise(runs: list[dict]) -> list[dict]:
             "accepted": statuses.count("accepted"), "scaled": statuses.count("scaled"),
             "rejected": statuses.count("rejected"), "trainable_params": rs[0]["rows"][0]["trainable_params"],
         })
+    reference = {(s["target"], s["method"]): s["target_gain"][0] for s in out if s["variant"] == "unguarded-old"}
+    for s in out:  # the bar: at least 80% of what the unguarded old recipe gains
+        ref = reference.get((s["target"], s["method"]))
+        s["gain_share"] = round(s["target_gain"][0] / ref, 2) if ref and ref > 0 else None
     return out
 
 

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks.bench_export import RESULTS, build_real, images, ort_session
+from bench_export import RESULTS, build_real, images, ort_session  # the script's own folder is on sys.path
 from lorsu_edge.consumer import image_features
 from lorsu_edge.export import export_onnx
 from lorsu_edge.export import precision as prec

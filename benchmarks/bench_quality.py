@@ -158,10 +158,35 @@ def continual_main(argv: list[str]) -> int:
     p.add_argument("--control-per-class", type=int, default=20, help="animals per class in the control set")
     p.add_argument("--smoke", action="store_true", help="tiny CLIP that knows colours + toy images")
     p.add_argument("--out", type=Path, default=None, help="default: results/continual.json (_smoke with --smoke)")
+    p.add_argument("--from", dest="from_files", nargs="+", type=Path, default=None,
+                   help="summarise earlier outputs (results JSON or .runs.jsonl) instead of running")
     args = p.parse_args(argv)
     os.environ.setdefault("LORSU_EDGE_TRACK", "off")  # MLflow's local store costs seconds a night; not measured here
     args.out = args.out or RESULTS / ("continual_smoke.json" if args.smoke else "continual.json")
+    runs = load_runs(args.from_files) if args.from_files else run_grid(args, C)
+    summary = C.summarise(runs)
+    print(f"{'target':8} {'method':6} {'variant':23} {'final':>12} {'gain':>12} {'night 1':>12} {'control':>12} "
+          f"{'acc/scaled/rej':>15} {'trainable':>11} {'gain share':>10}")
+    for s in summary:
+        print(f"{s['target']:8} {s['method']:6} {s['variant']:23} {s['final_target'][0]:7.1f}±{s['final_target'][1]:<4} "
+              f"{s['target_gain'][0]:+7.1f}±{s['target_gain'][1]:<4} "
+              f"{s['night1_after_last'][0]:7.1f}±{s['night1_after_last'][1]:<4} {s['control_change'][0]:+7.1f}±"
+              f"{s['control_change'][1]:<4} {s['accepted']:>5}/{s['scaled']}/{s['rejected']:<5} {s['trainable_params']:>11,}"
+              f" {'-' if s['gain_share'] is None else s['gain_share']:>10}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"settings": {k: v for k, v in vars(args).items() if k != "out"},
+                                    "summary": summary, "runs": runs}, indent=2, default=str))
+    C.plot(summary, args.out.with_suffix(".png"))
+    print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
+    return 0
+
+
+def run_grid(args, C) -> list[dict]:
+    """Every (target, seed, method, variant) run; each is also appended to <out>.runs.jsonl as it ends, so
+    an interrupted grid keeps what it measured (`--from` summarises such files together)."""
     runs = []
+    partial = args.out.with_suffix(".runs.jsonl")
+    partial.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         model, control, anchor = _continual_world(args, root)
@@ -178,22 +203,22 @@ def continual_main(argv: list[str]) -> int:
                     for name in args.variants:
                         runs.append(C.run_one(target, method, C.VARIANTS[name], seed, args.lr, args.epochs, model,
                                               data, root / "runs"))
+                        with partial.open("a") as f:
+                            f.write(json.dumps(runs[-1], default=str) + "\n")
                         print(f"  {target} {method} {name} seed {seed} done ({time.perf_counter() - t0:.0f} s)",
                               file=sys.stderr)
-    summary = C.summarise(runs)
-    print(f"{'target':8} {'method':6} {'variant':23} {'final':>12} {'gain':>12} {'night 1':>12} {'control':>12} "
-          f"{'acc/scaled/rej':>15} {'trainable':>11}")
-    for s in summary:
-        print(f"{s['target']:8} {s['method']:6} {s['variant']:23} {s['final_target'][0]:7.1f}±{s['final_target'][1]:<4} "
-              f"{s['target_gain'][0]:+7.1f}±{s['target_gain'][1]:<4} "
-              f"{s['night1_after_last'][0]:7.1f}±{s['night1_after_last'][1]:<4} {s['control_change'][0]:+7.1f}±"
-              f"{s['control_change'][1]:<4} {s['accepted']:>5}/{s['scaled']}/{s['rejected']:<5} {s['trainable_params']:>11,}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"settings": {k: v for k, v in vars(args).items() if k != "out"},
-                                    "summary": summary, "runs": runs}, indent=2, default=str))
-    C.plot(summary, args.out.with_suffix(".png"))
-    print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
-    return 0
+    return runs
+
+
+def load_runs(files: list[Path]) -> list[dict]:
+    """Runs from earlier outputs: a results JSON ("runs") or a .runs.jsonl, in order; repeats of the same
+    (target, method, variant, seed) keep the last."""
+    runs: dict[tuple, dict] = {}
+    for f in files:
+        text = f.read_text()
+        items = json.loads(text)["runs"] if f.suffix == ".json" else [json.loads(x) for x in text.splitlines() if x]
+        runs.update({(r["target"], r["method"], r["variant"], r["seed"]): r for r in items})
+    return list(runs.values())
 
 
 def _continual_world(args, root: Path) -> tuple[str, Path, Path]:

@@ -22,3 +22,14 @@ def test_bench_continual_smoke(tmp_path):
     assert [x["night"] for x in runs["unguarded-old"]["rows"]] == [1, 2]
     assert 0.0 <= runs["scale+anchor+replay"]["night1_after"] <= 1.0
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+    # the gain is measured from the base model's accuracy over every class, not from night 1's "before"
+    for r in doc["summary"]:
+        run = runs[r["variant"]]
+        assert r["target_gain"][0] == round(100 * (run["rows"][-1]["target"] - run["base_all"]), 2)
+    # each run was kept as it ended; --from summarises those lines to the same table
+    again = tmp_path / "again.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_quality.py"), "--continual",
+                           "--from", str(out.with_suffix(".runs.jsonl")), "--out", str(again)],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(again.read_text())["summary"] == doc["summary"]
