@@ -46,6 +46,7 @@ VARIANTS = {
     "scale+anchor": Variant("scale+anchor", anchor=True),
     "scale+anchor+replay": Variant("scale+anchor+replay", anchor=True, replay=10),
     "scale-c0": Variant("scale-c0", class_weight=0.0),
+    "scale+replay-c0": Variant("scale+replay-c0", replay=10, class_weight=0.0),
     "scale+anchor-c0": Variant("scale+anchor-c0", anchor=True, class_weight=0.0),
     "scale+anchor+replay-c0": Variant("scale+anchor+replay-c0", anchor=True, replay=10, class_weight=0.0),
 }

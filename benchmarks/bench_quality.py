@@ -1,7 +1,8 @@
 """Quality on real weights: the continual protocol (sessions x shots per class, several seeds) per method.
 
 For each method and seed this runs the demo protocol (default dual encoder, textile target, animal control)
-with the forgetting guard disabled, so the numbers show each method's raw gain and forgetting. Prints the
+with the forgetting guard disabled (the demo's anchors and adapt's replay default stay on), so the numbers
+show each method's gain and forgetting without the guard. Prints the
 target gain and control change (mean and spread over seeds), writes JSON and a PNG.
 
     python benchmarks/bench_quality.py                       # 5 sessions, 5 shots, 3 seeds, 4 methods

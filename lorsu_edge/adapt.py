@@ -330,13 +330,14 @@ def load_eval_sets(opts: AdaptOptions, wd: Workdir) -> dict[str, SampleSet]:
     return sets
 
 
-def remembered_total_limit(opts: AdaptOptions, wd: Workdir) -> float | None:
-    """`--max-total-forgetting` given now (and remembered), else the workdir's, else None (off)."""
+def remembered_total_limit(opts: AdaptOptions, wd: Workdir) -> float:
+    """`--max-total-forgetting` given now (and remembered), else the workdir's, else the per-session limit:
+    per-session drops just under the limit would otherwise add up night after night."""
     if opts.max_total_forgetting is not None:
         wd.update_settings(max_total_forgetting=opts.max_total_forgetting)
         return opts.max_total_forgetting
     limit = wd.settings().get("max_total_forgetting")
-    return None if limit is None else float(limit)
+    return opts.max_forgetting if limit is None else float(limit)
 
 
 def set_fingerprint(samples: SampleSet) -> str:

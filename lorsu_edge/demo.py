@@ -113,8 +113,8 @@ class DemoData:
     sessions: list[Path]
     target_eval: Path
     control: Path
-    # images of what the model must keep, disjoint from the control set: written for `adapt --anchor`, not
-    # distilled by the demo itself until the anchor weight is chosen by measurement (README)
+    # images of what the model must keep, disjoint from the control set: distilled every session
+    # (`adapt --anchor`), as bench_quality.py --continual chose (README "Continual operation")
     anchor: Path | None = None
 
 
@@ -255,7 +255,8 @@ def run_demo(opts: DemoOptions, make_data: Callable[[DemoOptions, Path], DemoDat
         result = adapt(AdaptOptions(
             data=session_dir, workdir=runs, model=model, loss=opts.protocol.loss, method=opts.method,
             train=TrainConfig(**{**asdict(opts.train), "seed": opts.seed + i}), control=data.control,
-            eval_data=data.target_eval, max_forgetting=opts.max_forgetting, show_progress=opts.show_progress))
+            eval_data=data.target_eval, max_forgetting=opts.max_forgetting, anchor=data.anchor,
+            show_progress=opts.show_progress))
         r = result.report
         rows.append({"session": i + 1, "status": r.get("guard", result.status), "alpha": r.get("alpha", 1.0),
                      "target": r["target_accuracy"], "control": r["control_accuracy"],

@@ -35,6 +35,7 @@ def _c(name: str) -> str:
 
 
 _C = ContinualConfig()
+_T = TrainConfig()
 
 
 JSON_FIELDS = ("reason", "guard", "alpha", "trainable_params", "loss_first", "loss_last", "target_accuracy_before", "target_accuracy",
@@ -63,9 +64,9 @@ def command(
     alpha: Annotated[float, typer.Option(help=_m("alpha"))] = 64.0,
     importance_samples: Annotated[int, typer.Option(help=_m("importance_samples"))] = 1000,
     qkv_bias: Annotated[bool | None, typer.Option("--qkv-bias/--no-qkv-bias", help=_m("qkv_bias"))] = None,
-    epochs: Annotated[int, typer.Option(help=_t("epochs"))] = 5,
+    epochs: Annotated[int, typer.Option(help=_t("epochs"))] = _T.epochs,
     batch_size: Annotated[int, typer.Option(help=_t("batch_size"))] = 16,
-    lr: Annotated[float, typer.Option(help=_t("lr"))] = 1e-5,
+    lr: Annotated[float, typer.Option(help=_t("lr"))] = _T.lr,
     weight_decay: Annotated[float, typer.Option(help=_t("weight_decay"))] = 0.01,
     warmup_ratio: Annotated[float, typer.Option(help=_t("warmup_ratio"))] = 0.1,
     max_grad_norm: Annotated[float, typer.Option(help=_t("max_grad_norm"))] = 1.0,
@@ -79,7 +80,8 @@ def command(
                                                        "than this many points")] = 1.0,
     max_total_forgetting: Annotated[float | None, typer.Option(
         help="also reject it if control accuracy ends more than this many points below the base model's "
-             "(bounds drift over many sessions; the workdir remembers it; off by default)")] = None,
+             "(bounds drift over many sessions; the workdir remembers it; default: the --max-forgetting limit)")
+    ] = None,
     on_forgetting: Annotated[OnForgetting, typer.Option(help=_c("on_forgetting"))] = _C.on_forgetting,
     anchor: Annotated[Path | None, typer.Option(help="folder of unlabeled images of what the model must keep "
                                                      "(not the control set); the workdir remembers it")] = None,
