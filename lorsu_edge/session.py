@@ -85,9 +85,9 @@ _OWN_NAMES = frozenset({WORKDIR_FILE, CURRENT_FILE, SESSIONS_DIR, RUNS_FILE, LOC
 log = logging.getLogger(__name__)
 
 
-def now_iso() -> str:
-    """The current UTC time as ISO 8601 with seconds (the time format of every workdir file)."""
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+def now_iso(timespec: str = "seconds") -> str:
+    """The current UTC time as ISO 8601, with seconds by default (the time format of every workdir file)."""
+    return datetime.now(timezone.utc).isoformat(timespec=timespec)
 
 
 def absolute_source(source: str | None) -> str | None:

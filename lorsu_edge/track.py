@@ -28,14 +28,14 @@ import secrets
 import socket
 import time
 from collections.abc import Iterator
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from lorsu_edge.atomic import atomic_write_json, fsync_dir, is_temp_name
 from lorsu_edge.distributed import is_main
 from lorsu_edge.errors import BadInputError
-from lorsu_edge.session import REPORT_FILE, STATUS_FILE, Workdir
+from lorsu_edge.session import REPORT_FILE, STATUS_FILE, Workdir, now_iso
 
 log = logging.getLogger(__name__)
 
@@ -168,9 +168,8 @@ def enqueue(wd: Workdir, record: dict[str, Any]) -> Path:
     path = queue / f"{name}.json"
     # milliseconds: the runs are ordered by this time (fleet status takes the newest), and two nights of one
     # box can fall in the same second (a rejected night, then an immediate "nothing new")
-    created = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
     atomic_write_json(path, {**record, "key": key, "device": device_name(), "workdir": str(wd.root.resolve()),
-                             "created": created})
+                             "created": now_iso("milliseconds")})
     fsync_dir(queue)
     return path
 

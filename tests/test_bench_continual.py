@@ -33,3 +33,25 @@ def test_bench_continual_smoke(tmp_path):
                           capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads(again.read_text())["summary"] == doc["summary"]
+
+
+def test_summary_gain_is_from_the_base_over_all_classes_and_shared_against_the_unguarded_recipe():
+    """The smoke run's toy accuracies are all 0, so the arithmetic is checked here on written-out runs."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import _continual as C
+
+    def run(variant, final, control_end, seed=0):
+        rows = [{"night": 1, "status": "accepted", "target": 0.5, "control": 0.9, "target_before": 0.5,
+                 "control_before": 0.95, "trainable_params": 7},
+                {"night": 2, "status": "scaled", "target": final, "control": control_end, "target_before": 0.6,
+                 "control_before": 0.9, "trainable_params": 7}]
+        return {"target": "t", "method": "lorsu", "variant": variant, "seed": seed, "rows": rows,
+                "night1_after": 0.25, "base_all": 0.2}
+
+    summary = {s["variant"]: s for s in C.summarise([run("unguarded-old", 0.4, 0.9), run("scale", 0.3, 0.94),
+                                                     run("scale", 0.5, 0.94, seed=1)])}
+    assert summary["unguarded-old"]["target_gain"] == (20.0, 0.0)  # 40% - base 20%, not - night 1's 50% before
+    assert summary["scale"]["target_gain"] == (20.0, 14.14) and summary["scale"]["final_target"] == (40.0, 14.14)
+    assert summary["scale"]["control_change"] == (-1.0, 0.0)  # from night 1's before (the base), not night 2's
+    assert summary["scale"]["gain_share"] == 1.0 and summary["unguarded-old"]["gain_share"] == 1.0
+    assert (summary["scale"]["accepted"], summary["scale"]["scaled"]) == (2, 2)

@@ -237,6 +237,16 @@ def test_external_data_path_on_a_tiny_model(tmp_path):
         [out.name, f"{out.name}.json", second.metadata["external_data"], PREPROCESSOR_FILE])
 
 
+def test_int8_qdq_with_external_data(tmp_path):
+    """SmoothQuant's activation probe reads a graph whose weights live in a .data file (a > 2 GiB tower)."""
+    model = tiny_model("clip")
+    spec, proc = find_encoder(model), _image_processor("clip")
+    imgs = _images(tmp_path / "img")
+    res = export_onnx(model, spec, proc, tmp_path / "out" / "q.onnx", precision="int8-qdq", sample_images=imgs[:3],
+                      calibration_images=imgs, external_data_over=0)
+    assert res.metadata["external_data"] and "DequantizeLinear" in {n.op_type for n in onnx.load(str(res.path)).graph.node}
+
+
 def test_dynamo_failure_falls_back_to_legacy_and_says_so(tmp_path, monkeypatch, caplog):
     def broken(*args, **kwargs):
         raise RuntimeError("torch.export cannot trace this")

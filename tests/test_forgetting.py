@@ -124,3 +124,15 @@ def test_bounded_merge_scales_only_when_the_target_still_gains():
     assert r.status == "rejected" and r.alpha == 1.0 and scaler.alpha == 1.0
     no_gain = bounded_merge(model, scaler, score, check, "scale", 0.9, lambda: 0.0)
     assert no_gain.status == "rejected" and "does not improve" in no_gain.reason and scaler.alpha == 1.0
+
+
+def test_the_base_relative_limit_defaults_to_the_per_session_one_and_is_remembered(tmp_path):
+    """Off by default, per-session drops just under the limit added up night after night (README)."""
+    from lorsu_edge.adapt import AdaptOptions, remembered_total_limit
+    from lorsu_edge.session import Workdir
+
+    wd = Workdir.open(tmp_path / "wd", create=True)
+    with wd.lock():
+        assert remembered_total_limit(AdaptOptions(data=tmp_path, max_forgetting=2.5), wd) == 2.5
+        assert remembered_total_limit(AdaptOptions(data=tmp_path, max_total_forgetting=4.0), wd) == 4.0
+        assert remembered_total_limit(AdaptOptions(data=tmp_path, max_forgetting=2.5), wd) == 4.0  # remembered

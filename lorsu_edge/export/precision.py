@@ -223,7 +223,6 @@ def smooth_layer_norms(src: Path, dst: Path, external: bool, feeds: Sequence[np.
     over `feeds`. Per-tensor activation ranges then no longer have to span a few outlier channels. Returns
     how many LayerNorms were smoothed."""
     import onnx
-    import onnxruntime as ort
     from onnx import numpy_helper
 
     proto = onnx.load(str(src))
@@ -240,17 +239,10 @@ def smooth_layer_norms(src: Path, dst: Path, external: bool, feeds: Sequence[np.
     if not norms:
         _save(proto, dst, external)
         return 0
-    probe = onnx.ModelProto()
-    probe.CopyFrom(proto)
-    probe.graph.output.extend(onnx.helper.make_tensor_value_info(n.output[0], onnx.TensorProto.FLOAT, None)
-                              for n in norms)
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    sess = ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     names = [n.output[0] for n in norms]
     amax = {k: np.zeros(0, np.float32) for k in names}
-    for feed in feeds:
-        for k, v in zip(names, sess.run(names, {INPUT_NAME: feed})):
+    for outputs in _probe(src, names, feeds):
+        for k, v in zip(names, outputs):
             m = np.abs(v).reshape(-1, v.shape[-1]).max(0)
             amax[k] = m if not amax[k].size else np.maximum(amax[k], m)
     for n in norms:
@@ -269,3 +261,23 @@ def smooth_layer_norms(src: Path, dst: Path, external: bool, feeds: Sequence[np.
     graph.initializer.extend(kept)
     _save(proto, dst, external)
     return len(norms)
+
+
+def _probe(src: Path, names: list[str], feeds: Sequence[np.ndarray]) -> Iterator[list[np.ndarray]]:
+    """The intermediate tensors `names` for each feed: `src` with them as extra outputs, written beside it
+    (its external data, if any, is referenced, not loaded: a tower over 2 GiB is never one protobuf)."""
+    import onnx
+    import onnxruntime as ort
+
+    probe = onnx.load(str(src), load_external_data=False)
+    probe.graph.output.extend(onnx.helper.make_tensor_value_info(k, onnx.TensorProto.FLOAT, None) for k in names)
+    path = src.with_name(f"probe-{src.name}")
+    onnx.save(probe, str(path))
+    try:
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        for feed in feeds:
+            yield sess.run(names, {INPUT_NAME: feed})
+    finally:
+        path.unlink(missing_ok=True)
