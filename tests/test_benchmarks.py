@@ -131,3 +131,15 @@ def test_bench_vlm_step_smoke(tmp_path):
     s = doc["summary"]
     assert s["per_sample_s"] == doc["rows"]["step"]["step_s"] / info["batch"]
     assert s["lm_share_wall"] == 1 - doc["rows"]["tower"]["step_s"] / doc["rows"]["step"]["step_s"]
+
+
+def test_bench_fc1_layouts_smoke(tmp_path):
+    """Every layout gives the gradient at the selected entries (a wrong staircase permutation or prefix would
+    time a different gradient: errors of the order of the entries, ~6 here, not bf16 rounding), and the
+    staircase exercises both of its parts."""
+    doc, stdout = _smoke("bench_fc1_layouts", tmp_path, "--no-inductor")
+    (row,) = doc["rows"]
+    assert set(row["ms"]) == {"dense", "split", "stair"}
+    assert all(d < 0.1 for d in row["max_abs_diff"].values()), row["max_abs_diff"]
+    assert row["stair_blocks"] > 0 and 0 < row["stair_sampled"] < row["entries"]
+    assert doc["total_ms"]["stair"] == sum(r["ms"]["stair"] for r in doc["rows"])
