@@ -21,6 +21,7 @@ Only ratios within one run are meaningful; /proc/loadavg is recorded before and 
     python benchmarks/bench_cost.py --smoke         # tiny CLIP, seconds
     python benchmarks/bench_cost.py --models vitb16 --methods lorsu dense-ref --steps 10
     python benchmarks/bench_cost.py --methods lorsu lorsu-sampled lora spu --threads 1   # fc1 gradient paths
+    python benchmarks/bench_cost.py --device cuda --models vitb16 --methods lorsu lora lorsu-sampled  # on a GPU
 """
 
 from __future__ import annotations
@@ -126,6 +127,11 @@ def prepare(model, spec, method: str, loss_fn, px: torch.Tensor, autocast) -> di
     return {"importance_s": importance_s, "targets": len(targets), "config": cfg.to_dict()}
 
 
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def force_fc1_grad(model: torch.nn.Module, mode: str | None) -> None:
     from lorsu_edge.layers import SparseDeltaLinear
 
@@ -143,14 +149,16 @@ def child(p: dict[str, Any]) -> dict[str, Any]:
 
     torch.set_num_threads(p["threads"])
     torch.manual_seed(p["seed"])
+    device = torch.device(p.get("device", "cpu"))
     t0 = time.perf_counter()
     model, size, desc = build_model(p["model"])
     spec = find_encoder(model)
     px = torch.randn(p["batch"], 3, size, size, generator=torch.Generator().manual_seed(0))
-    txt = text_features(model, p["batch"])
-    scale = model.logit_scale.exp().detach()
+    txt = text_features(model, p["batch"]).to(device)
+    scale = model.logit_scale.exp().detach().to(device)
+    model, px = model.to(device), px.to(device)
     build_s = time.perf_counter() - t0
-    autocast = autocast_factory(p["precision"], torch.device("cpu"))
+    autocast = autocast_factory(p["precision"], device)
 
     def loss_fn(m, batch):
         return contrastive_loss(image_features(m, spec, batch), txt, scale)
@@ -163,8 +171,11 @@ def child(p: dict[str, Any]) -> dict[str, Any]:
     setup_peak = peak_rss_bytes()  # read before the reset: clearing VmHWM also resets ru_maxrss (wait4 included)
     rss_before = current_rss_bytes()
     reset_peak()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     times, cpu, grads_b = [], [], 0
     for _ in range(p["warmup"] + p["steps"]):
+        sync(device)
         t, c = time.perf_counter(), time.process_time()
         with autocast():
             loss = loss_fn(model, px)
@@ -173,6 +184,7 @@ def child(p: dict[str, Any]) -> dict[str, Any]:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        sync(device)  # CUDA runs asynchronously: time the work, not its launch
         times.append(time.perf_counter() - t)
         cpu.append(time.process_time() - c)  # CPU seconds of all threads: less skewed by other processes
     timed = times[p["warmup"]:]
@@ -185,6 +197,7 @@ def child(p: dict[str, Any]) -> dict[str, Any]:
             "step_cpu_s_median": statistics.median(cpu[p["warmup"]:]), "step_cpu_s_all": cpu,
             "build_s": build_s, "setup_peak_rss_bytes": setup_peak, "rss_before_train_bytes": rss_before,
             "train_peak_rss_bytes": peak_rss_bytes(),
+            "cuda_max_allocated_bytes": torch.cuda.max_memory_allocated() if device.type == "cuda" else None,
             "loss_last": float(loss.detach())}
 
 
@@ -202,7 +215,7 @@ def run(args) -> dict[str, Any]:
     models = ["tiny"] if args.smoke else args.models
     base = {"batch": 4 if args.smoke else args.batch, "steps": 2 if args.smoke else args.steps,
             "warmup": 1 if args.smoke else args.warmup, "threads": args.threads, "precision": args.precision,
-            "seed": 0}
+            "seed": 0, "device": args.device}
     load_before, results, skipped = loadavg(), {}, {}
     for model in models:
         if model == "dual" and dual_path() is None:
@@ -267,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2, help="torch threads in each child")
     ap.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda for the GPU check (scripts/gpu_check.sh): "
+                    "steps are then timed with a synchronize, and the CUDA peak is in the JSON")
     args = ap.parse_args(argv)
     print("warning: this machine must be otherwise idle while this runs (2 cores: another busy process "
           "slows each step several-fold); only ratios within one run are meaningful.", flush=True)
