@@ -214,6 +214,8 @@ def score_and_inject(loaded: Loaded, objective, samples: list[Sample], opts: Ada
                      autocast, importance_groups: int = 1) -> tuple[list, dict[str, int]]:
     """Importance on this session's data, selection, injection, freezing. Returns (targets, counts)."""
     model, spec, mcfg = loaded.model, loaded.spec, opts.method
+    # found first: a dual encoder without one (SigLIP) is refused before the importance pass, not after it
+    projection = projection_target(model, spec) if mcfg.projection_rank else None
     grads = None
     if mcfg.needs_importance:
         grads = importance(loaded, objective, samples, opts, autocast, importance_groups)
@@ -221,9 +223,9 @@ def score_and_inject(loaded: Loaded, objective, samples: list[Sample], opts: Ada
     torch.manual_seed(opts.train.seed)  # LoRA init is part of the seeded run
     targets = select_targets(spec, mcfg, grads)
     del grads
-    if mcfg.projection_rank:
-        targets.append(projection_target(model, spec))
-        spec.projection = targets[-1].path  # from now on the session's encoder files and hashes include it
+    if projection is not None:
+        targets.append(projection)
+        spec.projection = projection.path  # from now on the session's encoder files and hashes include it
     inject(model, targets, mcfg)
     return targets, freeze(model, spec, mcfg)
 

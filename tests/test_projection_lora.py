@@ -22,7 +22,8 @@ from lorsu_edge.cli.main import app
 from lorsu_edge.config import MethodConfig
 from lorsu_edge.consumer import image_features
 from lorsu_edge.export import onnx_session
-from lorsu_edge.families import find_encoder
+from lorsu_edge.errors import UnsupportedModelError
+from lorsu_edge.families import find_encoder, find_projection
 from lorsu_edge.forgetting import UpdateScaler
 from lorsu_edge.inject import adapter_modules, freeze, inject, projection_target, select_targets
 from lorsu_edge.layers import HeadLoRALinear
@@ -226,3 +227,14 @@ def test_projection_rank_where_it_does_not_apply_is_one_line_exit_3(site, tmp_pa
     assert r.exit_code == 3 and len(errors) == 1 and needle in errors[0], r.output
     assert any(line.startswith("hint:") for line in r.output.splitlines())
     assert not (tmp_path / "runs" / "sessions").exists() or not any((tmp_path / "runs" / "sessions").iterdir())
+
+
+def test_the_projection_is_found_by_structure_and_siglip_has_none():
+    """SigLIP is a dual encoder whose image embedding is its tower's own head: refused, not half-adapted."""
+    for kind in ("clip", "dual_dinov2"):
+        model = tiny_model(kind)
+        assert find_projection(model, find_encoder(model)) == PROJ
+    siglip = tiny_model("siglip")
+    with pytest.raises(UnsupportedModelError, match="no visual projection") as err:
+        find_projection(siglip, find_encoder(siglip))
+    assert "--projection-rank" in err.value.hint
