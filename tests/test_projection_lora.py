@@ -238,3 +238,22 @@ def test_the_projection_is_found_by_structure_and_siglip_has_none():
     with pytest.raises(UnsupportedModelError, match="no visual projection") as err:
         find_projection(siglip, find_encoder(siglip))
     assert "--projection-rank" in err.value.hint
+
+
+def test_a_later_session_without_the_option_keeps_the_projection_in_its_lineage(site, tmp_path):
+    """Catches a chained session that drops the adapted projection from its encoder (or its hashes): its
+    base hash must be the parent's encoder hash, and its rebuild replays both adapters from the base model."""
+    runs = tmp_path / "runs"
+    shutil.copytree(site["runs"], runs)
+    data = write_toy_images(tmp_path / "d2", seed=2)
+    r = _adapt("--data", str(data), "--workdir", str(runs), *FAST)  # no --projection-rank this night
+    assert r.exit_code == 0, r.output
+    s1, s2 = _report(runs / "sessions" / "0001"), _report(runs / "sessions" / "0002")
+    assert s2["base_encoder_sha256"] == s1["encoder_sha256"] and "projection_rank" not in s2["method_config"]
+    parent = load_file(str(runs / "sessions" / "0001" / "encoder.safetensors"))
+    child = load_file(str(runs / "sessions" / "0002" / "encoder.safetensors"))
+    assert torch.equal(child[f"{PROJ}.weight"], parent[f"{PROJ}.weight"])
+    for verb in (["rollback", "base"], ["prune", "--keep", "0"]):
+        assert runner.invoke(app, [*verb, "--workdir", str(runs)]).exit_code == 0
+    rebuilt = load_session_model(resolve_session(runs, "2"), "none")  # hash-checked inside
+    assert tensors_hash(encoder_state_dict(rebuilt.model, rebuilt.spec)) == s2["encoder_sha256"]
