@@ -30,7 +30,7 @@ from lorsu_edge.distributed import (is_main, main_computes, open_workdir, rank_s
                                      world_size)
 from lorsu_edge.errors import BadInputError, ExitCode, LorsuError
 from lorsu_edge.forgetting import UpdateScaler, Verdict, bounded_merge, dense_start
-from lorsu_edge.inject import freeze, inject, select_targets
+from lorsu_edge.inject import freeze, inject, projection_target, select_targets
 from lorsu_edge.integrity import fall_back_if_damaged
 from lorsu_edge.load import (Loaded, apply_encoder, config_role, load_model, load_vlm_tower_in_dual, read_config,
                              resolve_source)
@@ -214,6 +214,8 @@ def score_and_inject(loaded: Loaded, objective, samples: list[Sample], opts: Ada
                      autocast, importance_groups: int = 1) -> tuple[list, dict[str, int]]:
     """Importance on this session's data, selection, injection, freezing. Returns (targets, counts)."""
     model, spec, mcfg = loaded.model, loaded.spec, opts.method
+    # found first: a dual encoder without one (SigLIP) is refused before the importance pass, not after it
+    projection = projection_target(model, spec) if mcfg.projection_rank else None
     grads = None
     if mcfg.needs_importance:
         grads = importance(loaded, objective, samples, opts, autocast, importance_groups)
@@ -221,12 +223,17 @@ def score_and_inject(loaded: Loaded, objective, samples: list[Sample], opts: Ada
     torch.manual_seed(opts.train.seed)  # LoRA init is part of the seeded run
     targets = select_targets(spec, mcfg, grads)
     del grads
+    if projection is not None:
+        targets.append(projection)
+        spec.projection = projection.path  # from now on the session's encoder files and hashes include it
     inject(model, targets, mcfg)
     return targets, freeze(model, spec, mcfg)
 
 
 def target_meta(targets: list) -> dict[str, dict]:
-    return {t.path: {"block": t.block, "heads": t.heads} for t in targets}
+    """Per-module JSON beside the tensors; the projection's record says what it is (load_adapter reads that)."""
+    return {t.path: {"projection": True} if t.kind == "projection" else {"block": t.block, "heads": t.heads}
+            for t in targets}
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -518,6 +525,7 @@ def _adapt_locked(opts: AdaptOptions, wd: Workdir, start: float) -> AdaptResult:
         model_config = read_config(resolve_source(base))
         role = config_role(model_config)
         opts.method.check_heads(model_config, base)
+        opts.method.check_projection(role, base)  # a VLM (also under --text-model) or a bare encoder: refused
         loss = opts.loss or default_loss(role)
         check_loss(loss, role, has_text_model=bool(opts.text_model))
         opts = replace(opts, method=opts.method.for_loss(loss))

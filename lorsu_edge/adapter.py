@@ -84,7 +84,8 @@ def read_adapter_config(src: Path) -> dict[str, Any]:
 
 
 def load_adapter(src: Path, model: nn.Module, spec: EncoderSpec, check_base: bool = True) -> dict[str, Any]:
-    """Rebuild the adapter's wrappers (unmerged) on `model`; fail clearly on a different base."""
+    """Rebuild the adapter's wrappers (unmerged) on `model`; fail clearly on a different base. An adapter of the
+    visual projection makes it part of `spec`'s encoder (as adapt did when it trained it)."""
     doc = read_adapter_config(src)
     if doc["family"] != spec.family.name:
         raise AdapterMismatchError(f"adapter is for a {doc['family']} encoder, this model has {spec.family.name}",
@@ -100,6 +101,8 @@ def load_adapter(src: Path, model: nn.Module, spec: EncoderSpec, check_base: boo
         _load_dense(model, tensors)
     for path, rec in doc["modules"].items():
         _rebuild(model, path, rec, tensors)
+        if rec.get("projection"):  # after the base check: the parent's encoder may not have held it yet
+            spec.projection = path
     return doc
 
 

@@ -80,6 +80,10 @@ class EncoderSpec:
     used_blocks: int  # blocks [0, used_blocks) influence the consumer's input; the rest get no gradient
     feature_layer: int | list[int] | None = None
     notes: list[str] = field(default_factory=list)
+    projection: str | None = None
+    """Path of the dual encoder's visual projection once this model's lineage adapted it (adapt
+    --projection-rank, or a session file or adapter that holds it): from then on the projection is part of
+    "the encoder" (session files, hashes). None: the tower alone, as every session without the option."""
 
     @property
     def head_dim(self) -> int:
@@ -91,7 +95,28 @@ class EncoderSpec:
 
     @property
     def param_prefix(self) -> str:
+        """The tower's parameters (what structured updates and `full` change)."""
         return f"{self.tower_path}." if self.tower_path else ""
+
+    @property
+    def encoder_prefixes(self) -> tuple[str, ...]:
+        """Names that make up "the encoder" a session stores and hashes: the tower, plus the adapted projection."""
+        return (self.param_prefix, *((f"{self.projection}.",) if self.projection else ()))
+
+
+# The Linear from the pooled image tower output to the joint embedding (CLIP, BLIP, VisionTextDualEncoder).
+# SigLIP has none outside its tower (its head is inside the vision model).
+PROJECTIONS = ("visual_projection",)
+
+
+def find_projection(model: nn.Module, spec: EncoderSpec) -> str:
+    """Path of a dual encoder's visual projection; UnsupportedModelError when there is no plain Linear one."""
+    path = _resolve(model, PROJECTIONS) if spec.role == "dual" else None
+    if path is None or not isinstance(model.get_submodule(path), nn.Linear):
+        raise UnsupportedModelError(f"{type(model).__name__} has no visual projection Linear "
+                                    f"(looked for {', '.join(PROJECTIONS)})",
+                                    hint="drop --projection-rank: this dual encoder's image embedding is the tower's own output")
+    return path
 
 
 def _join(*parts: str) -> str:

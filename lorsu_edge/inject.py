@@ -8,17 +8,17 @@ import torch
 from torch import nn
 
 from lorsu_edge.config import MethodConfig
-from lorsu_edge.families import EncoderSpec
+from lorsu_edge.families import EncoderSpec, find_projection
 from lorsu_edge.layers import HeadLoRALinear, SparseDeltaLinear, _Mergeable
 from lorsu_edge.select import budget_count, head_rows, head_scores, top_entries, top_heads
 
 
 @dataclass
 class Target:
-    """One module to wrap: sparse fc1 entries (flat indices) or LoRA rows (part-major)."""
+    """One module to wrap: sparse fc1 entries (flat indices), LoRA rows (part-major) or the visual projection."""
 
     path: str
-    kind: str  # "sparse" or "lora"
+    kind: str  # "sparse", "lora" or "projection" (plain LoRA, every row; block -1)
     index: torch.Tensor
     block: int
     parts: int = 1
@@ -77,6 +77,12 @@ def lora_targets(spec: EncoderSpec, block, heads: list[int]) -> list[Target]:
     return [Target(path, "lora", rows, block.index, heads=list(heads)) for path in block.attn.values()]
 
 
+def projection_target(model: nn.Module, spec: EncoderSpec) -> Target:
+    """Plain LoRA on the dual encoder's visual projection (every row selected): the research code's visual.proj."""
+    path = find_projection(model, spec)
+    return Target(path, "projection", torch.arange(model.get_submodule(path).out_features), block=-1)
+
+
 def replace_module(model: nn.Module, path: str, new: nn.Module) -> None:
     parent_path, _, name = path.rpartition(".")
     setattr(model.get_submodule(parent_path) if parent_path else model, name, new)
@@ -90,6 +96,8 @@ def inject(model: nn.Module, targets: list[Target], cfg: MethodConfig) -> None:
             raise ValueError(f"{t.path} is already wrapped; merge and unload the previous session first")
         if t.kind == "sparse":
             wrapper = SparseDeltaLinear(base, t.index, train_bias=cfg.train_biases)
+        elif t.kind == "projection":  # bias-free in every family; LoRA on the weight only, as the research code
+            wrapper = HeadLoRALinear(base, t.index, cfg.projection_rank, cfg.alpha, train_bias=False)
         else:
             wrapper = HeadLoRALinear(base, t.index, cfg.rank, cfg.alpha, parts=t.parts,
                                      train_bias=cfg.train_qkv_biases)
@@ -121,6 +129,6 @@ def freeze(model: nn.Module, spec: EncoderSpec, cfg: MethodConfig) -> dict[str, 
             counts[key] += p.numel()
     counts["trainable_params"] = sum(counts.values())
     counts["encoder_params"] = sum(p.numel() for n, p in model.named_parameters()
-                                   if n.startswith(spec.param_prefix) and ".lora_" not in n
+                                   if n.startswith(spec.encoder_prefixes) and ".lora_" not in n
                                    and not n.endswith(("delta", "bias_delta")))
     return counts

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from lorsu_edge.errors import BadInputError, UnsupportedModelError
-from lorsu_edge.families import FAMILIES, EncoderSpec, find_encoder
+from lorsu_edge.families import FAMILIES, EncoderSpec, find_encoder, find_projection
 from lorsu_edge.merge import encoder_state_dict, tensors_hash
 
 log = logging.getLogger(__name__)
@@ -211,20 +211,40 @@ def load_processor(path: Path):
 
 
 def apply_encoder(loaded: Loaded, encoder_file: Path) -> None:
-    """Load a session's merged encoder tensors (names as in the base state dict) into the model."""
+    """Load a session's merged encoder tensors (names as in the base state dict) into the model. A file that
+    holds the visual projection (a session of --projection-rank, or one chained onto it) makes the projection
+    part of `loaded.spec`'s encoder, so hashes cover what the file holds."""
     from safetensors.torch import load_file
 
     tensors = load_file(str(encoder_file))
     if loaded.encoder_names:
         back = {v: k for k, v in loaded.encoder_names.items()}
         tensors = {back.get(k, k): v for k, v in tensors.items()}
+    projection = _projection_in(loaded, list(tensors), encoder_file)
     result = loaded.model.load_state_dict(tensors, strict=False)
+    if projection:
+        loaded.spec.projection = projection
     expected = {k for k in loaded.model.state_dict() if k.startswith(loaded.spec.param_prefix)}
     missing = expected - set(tensors)
     if result.unexpected_keys or missing:
         bad = (result.unexpected_keys or sorted(missing))[0]
         raise BadInputError(f"{encoder_file} does not match this model's encoder (e.g. {bad})",
                             hint="the session belongs to another base model")
+
+
+def _projection_in(loaded: Loaded, names: list[str], encoder_file: Path) -> str | None:
+    """The visual projection's path when the file holds tensors outside the tower: they must be its, nothing else."""
+    outside = sorted(k for k in names if not k.startswith(loaded.spec.param_prefix))
+    if not outside:
+        return None
+    try:
+        path = find_projection(loaded.model, loaded.spec)
+    except UnsupportedModelError:
+        path = None
+    if path is None or any(not k.startswith(f"{path}.") for k in outside):
+        raise BadInputError(f"{encoder_file} does not match this model's encoder (e.g. {outside[0]})",
+                            hint="the session belongs to another base model")
+    return path
 
 
 def _strip_tower_root(key: str) -> str:

@@ -33,11 +33,12 @@ def unload(model: nn.Module) -> None:
 
 
 def encoder_state_dict(model: nn.Module, spec: EncoderSpec) -> dict[str, torch.Tensor]:
-    """The tower's tensors named exactly as in the full model's own state dict (call after `unload`)."""
+    """The encoder's tensors named exactly as in the full model's own state dict (call after `unload`): the
+    tower's, plus the visual projection's once it was adapted (`spec.projection`)."""
     if adapter_modules(model):
         raise RuntimeError("unload() the adapters before taking the encoder state dict")
-    prefix = spec.param_prefix
-    return {k: v.detach() for k, v in model.state_dict().items() if k.startswith(prefix)}
+    prefixes = spec.encoder_prefixes
+    return {k: v.detach() for k, v in model.state_dict().items() if k.startswith(prefixes)}
 
 
 def tensors_hash(tensors: dict[str, torch.Tensor]) -> str:
