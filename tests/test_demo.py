@@ -179,3 +179,12 @@ def test_cheap_path_demo_trains_through_the_dual_and_scores_the_vlm_with_each_ni
         assert (row["guard_target"], row["guard_control"]) == (report["target_accuracy"], report["control_accuracy"])
         assert 4 * row["target"] == round(4 * row["target"]) and row["score_seconds"] > 0
     assert reports[1]["replayed"] > 0 and summary["export"]["max_abs_diff"] < 1e-3
+
+
+def test_demo_flags_pick_the_protocol():
+    from lorsu_edge.cli.demo import demo_kind
+
+    assert [demo_kind(False, None), demo_kind(False, "clip"), demo_kind(True, None), demo_kind(True, "ppl"),
+            demo_kind(True, "clip")] == ["dual", "dual", "vlm", "vlm", "vlm-clip"]
+    with pytest.raises(BadInputError, match="needs a VLM"):
+        demo_kind(False, "ppl")
