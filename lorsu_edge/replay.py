@@ -49,8 +49,9 @@ class Entry:
 
     @property
     def key(self) -> str:
-        """Class-balance key: the label, or the question for a VQA sample."""
-        return f"label:{self.label}" if self.question is None else f"question:{self.question}"
+        """Class-balance key: the label, or the answer for a VQA sample (the class it names; questions are
+        often phrasings of one question, as in the VLM demo, and would balance nothing that matters)."""
+        return f"label:{self.label}" if self.question is None else f"answer:{self.answer}"
 
 
 def read_buffer(session_dir: Path | None) -> list[Entry]:

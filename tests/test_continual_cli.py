@@ -179,3 +179,51 @@ def test_replayed_samples_enter_the_importance_pass_too(world, tmp_path, monkeyp
     r, _ = _adapt(world, wd, night, "--replay", "3", "--epochs", "1", "--lr", "1e-3", "--max-forgetting", "100")
     assert r.exit_code == 0, r.output
     assert scored == [2 + 3] and _report(wd, "0002")["replayed"] == 3
+
+
+def test_perplexity_night_is_scaled_through_the_vlms_merged_tower(tmp_path, monkeypatch):
+    """The scale search on a --loss ppl night (LoRA + fc1 bias deltas inside a VLM): every judged point sees the
+    VLM's tower merged at that alpha, the largest passing alpha is kept, and the saved encoder is exactly
+    start + alpha * (trained - start). A synthetic control falls 10 points per unit of the tower's distance
+    from the night-start tower (a random tiny VLM answers nothing right, so it has nothing real to forget)."""
+    import lorsu_edge.adapt as adapt_module
+
+    llava = save_tiny("llava", tmp_path / "llava")
+    towers: list[dict[str, torch.Tensor]] = []
+
+    def synthetic_scores(loaded, sets, device, precision, known=None):
+        towers.append(_merged_tower(loaded))
+        start = towers[0]
+        moved = next((t for t in towers if any(not torch.equal(t[k], start[k]) for k in t)), None)
+        ratio = 0.0 if moved is None else _distance(towers[-1], start) / _distance(moved, start)
+        return {"control": 0.9 - 0.1 * ratio, **({"target": 0.2 + 0.1 * ratio} if "target" in sets else {})}
+
+    monkeypatch.setattr(adapt_module, "score_sets", synthetic_scores)
+    wd = tmp_path / "runs"
+    r = runner.invoke(app, ["adapt", "--data", str(write_toy_images(tmp_path / "n", per_class=2, vqa=True)),
+                            "--workdir", str(wd), "--model", str(llava), "--loss", "ppl", "--quantize", "none",
+                            "--control", str(write_toy_images(tmp_path / "c", per_class=2, seed=9, vqa=True)),
+                            "--eval", str(write_toy_images(tmp_path / "e", per_class=2, seed=10, vqa=True)),
+                            "--max-forgetting", "6", "--epochs", "2", "--lr", "1e-2", *FAST])
+    assert r.exit_code == 0 and "Traceback" not in r.output, r.output
+    report = _report(wd, "0001")
+    assert report["guard"] == "scaled" and report["alpha"] == 9 / 16  # drop 10 * alpha points <= 6
+    assert [p["alpha"] for p in report["scale_search"]][0] == 1.0 and len(report["scale_search"]) <= 5
+    start, trained = towers[0], next(t for t in towers if any(not torch.equal(t[k], towers[0][k]) for k in t))
+    saved = load_file(str(wd / "sessions" / "0001" / "encoder.safetensors"))
+    assert set(saved) == set(start)
+    for k in start:
+        torch.testing.assert_close(saved[k], start[k] + 9 / 16 * (trained[k] - start[k]), atol=1e-6, rtol=1e-5)
+
+
+def _merged_tower(loaded) -> dict[str, torch.Tensor]:
+    """The tower's weights as the judge sees them: while a point is scored the adapters are merged into their
+    base layers (`x.base.weight`), so take those under the plain names and leave the adapter tensors out."""
+    adapter = ("delta", "lora_A", "lora_B", "bias_delta")
+    return {k.replace(".base.", "."): v.detach().clone() for k, v in loaded.model.state_dict().items()
+            if k.startswith(loaded.spec.param_prefix) and k.rsplit(".", 1)[-1] not in adapter
+            and v.is_floating_point()}
+
+
+def _distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    return sum(float((a[k].double() - b[k].double()).pow(2).sum()) for k in a) ** 0.5

@@ -146,3 +146,45 @@ def test_vlm_demo_pipeline_trains_with_the_perplexity_loss(tmp_path):
     assert summary["export"]["session"] == exported and summary["export"]["max_abs_diff"] < 1e-3
     report = json.loads((tmp_path / "demo" / "runs" / "sessions" / "0001" / "report.json").read_text())
     assert report["loss"] == "ppl" and report["steps"] == 1
+
+
+def toy_clip_data(opts: DemoOptions, root) -> DemoData:
+    """The cheap path's layout: labelled folders for the dual encoder's loss and guard, VQA sets for the VLM."""
+    sessions = [write_toy_images(root / f"s{i}", per_class=opts.shots, seed=i) for i in range(opts.sessions)]
+    return DemoData(sessions, write_toy_images(root / "eval", per_class=2, seed=50),
+                    write_toy_images(root / "control", per_class=2, seed=60),
+                    write_toy_images(root / "anchor", labels=("green",), per_class=3, seed=70),
+                    vlm_sets=(write_toy_images(root / "vqa-eval", per_class=2, seed=50, vqa=True),
+                              write_toy_images(root / "vqa-control", per_class=2, seed=60, vqa=True)))
+
+
+def test_cheap_path_demo_trains_through_the_dual_and_scores_the_vlm_with_each_nights_tower(tmp_path):
+    """Catches a VLM scored with the base tower (or the previous night's) instead of the night's own, and a
+    guard column that silently reports the VLM's numbers as the dual encoder's."""
+    from lorsu_edge.demo import GUARD_NOTE
+
+    llava, clip = save_tiny("llava", tmp_path / "llava"), save_tiny("clip", tmp_path / "clip")
+    opts = DemoOptions.for_kind("vlm-clip", workdir=tmp_path / "demo", model=str(llava), text_model=str(clip),
+                                sessions=2, shots=2, eval_per_class=2, epochs=2, lr=3e-2, max_forgetting=100,
+                                show_progress=False)
+    summary = run_demo(opts, make_data=toy_clip_data)
+    rows, sessions = summary["rows"], tmp_path / "demo" / "runs" / "sessions"
+    assert summary["kind"] == "vlm-clip" and summary["guard"] == GUARD_NOTE and summary["text_model"] == str(clip)
+    reports = [json.loads((sessions / f"{r['session']:04d}" / "report.json").read_text()) for r in rows[1:]]
+    assert rows[0]["scored_encoder_sha256"] == reports[0]["base_encoder_sha256"]
+    for row, report in zip(rows[1:], reports):
+        assert report["loss"] == "clip" and report["anchors"] == 3 and "language model is not loaded" in str(
+            report["notes"])
+        assert row["scored_encoder_sha256"] == report["encoder_sha256"] != report["base_encoder_sha256"]
+        assert (row["guard_target"], row["guard_control"]) == (report["target_accuracy"], report["control_accuracy"])
+        assert 4 * row["target"] == round(4 * row["target"]) and row["score_seconds"] > 0
+    assert reports[1]["replayed"] > 0 and summary["export"]["max_abs_diff"] < 1e-3
+
+
+def test_demo_flags_pick_the_protocol():
+    from lorsu_edge.cli.demo import demo_kind
+
+    assert [demo_kind(False, None), demo_kind(False, "clip"), demo_kind(True, None), demo_kind(True, "ppl"),
+            demo_kind(True, "clip")] == ["dual", "dual", "vlm", "vlm", "vlm-clip"]
+    with pytest.raises(BadInputError, match="needs a VLM"):
+        demo_kind(False, "ppl")

@@ -72,3 +72,13 @@ def test_buffer_is_written_small_hashed_deduplicated_and_linked(tmp_path):
     assert len(read_buffer(s2)) == 7 and second[-1] not in read_buffer(s2)
     assert [json.loads(x)["sha256"] for x in (s2 / REPLAY_DIR / MANIFEST).read_text().splitlines()] == \
         [e.sha256 for e in second]
+
+
+def test_vqa_samples_are_balanced_by_their_answer():
+    """Catches balancing VQA rows by their question: the demo's nights ask three phrasings of one question at
+    random, so a question-balanced draw is blind to the animals (here 4 of 10 drawn at random, dogs left out)."""
+    entries = [Entry(f"{a}{i}", f"{a}{i}.png", "x", "0001", None, "What animal is this?", a)
+               for a, n in (("a cat", 8), ("a dog", 2)) for i in range(n)]
+    for seed in range(3):
+        assert Counter(e.answer for e in draw(entries, 4, seed)) == {"a cat": 2, "a dog": 2}
+    assert Counter(e.answer for e in evict(entries, 4)) == {"a cat": 2, "a dog": 2}

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from lorsu_edge.cli.choices import Method
+from lorsu_edge.cli.choices import Loss, Method
 from lorsu_edge.cli.errors import handle_errors
 
 
@@ -18,6 +18,10 @@ def command(
     vlm: Annotated[bool, typer.Option("--vlm", help="the VLM demo: perplexity loss through the 4-bit language "
                                                     "model, VQA on negative images (needs the vlm and quant extras)")
                    ] = False,
+    loss: Annotated[Loss | None, typer.Option(help="with --vlm: ppl (default; through the 4-bit language model) or "
+                                                   "clip (the paper's cheap path: the VLM's tower trains inside the "
+                                                   "default dual encoder, adapt --text-model, then is scored as the "
+                                                   "VLM; the guard then judges the dual encoder)")] = None,
     sessions: Annotated[int | None, typer.Option(help="few-shot sessions (default 5; 4 with --vlm)")] = None,
     shots: Annotated[int | None, typer.Option(help="images per class in each session (default 5; 3 with --vlm)")] = None,
     method: Annotated[Method, typer.Option(help="lorsu | lora | spu | full")] = "lorsu",
@@ -32,23 +36,35 @@ def command(
     print a before/after table, write demo.png, export to ONNX.
 
     Default: the dual encoder (DINOv2-S + MiniLM) learns textile defects with the CLIP loss (~2 min).
-    --vlm: the VLM (DINOv2-S + Gemma-3-270M) learns to name animals in negative images (~10 min)."""
+    --vlm: the VLM (DINOv2-S + Gemma-3-270M) learns to name animals in negative images (~10 min).
+    --vlm --loss clip: the same nights through the dual encoder's CLIP loss, each night scored as the VLM."""
     from lorsu_edge.config import MethodConfig
     from lorsu_edge.demo import PLOT_FILE, DemoOptions, run_demo
     from lorsu_edge.errors import BadInputError
 
     try:
-        opts = DemoOptions.for_kind("vlm" if vlm else "dual", workdir=workdir, sessions=sessions, shots=shots,
+        opts = DemoOptions.for_kind(demo_kind(vlm, loss), workdir=workdir, sessions=sessions, shots=shots,
                                     method=MethodConfig(method=method), epochs=epochs, lr=lr, seed=seed,
                                     max_forgetting=max_forgetting, export=export, show_progress=progress)
     except ValueError as e:
         raise BadInputError(str(e), hint="see lorsu-edge demo --help") from None
     summary = run_demo(opts)
     print_table(summary)
+    if "guard" in summary:
+        typer.echo(f"guard: {summary['guard']} (columns 'guard:')")
     if "export" in summary:
         e = summary["export"]
         typer.echo(f"exported session {e['session']} to {e['path']} (max |diff| vs PyTorch {e['max_abs_diff']:.1e})")
     typer.echo(f"plot: {workdir / PLOT_FILE}   details: lorsu-edge history --workdir {workdir / 'runs'}")
+
+
+def demo_kind(vlm: bool, loss: str | None) -> str:
+    """The protocol for the flags: dual (CLIP loss), vlm (perplexity) or vlm-clip (the cheap path)."""
+    from lorsu_edge.errors import BadInputError
+
+    if not vlm and loss == "ppl":
+        raise BadInputError("--loss ppl needs a VLM", hint="add --vlm, or drop --loss for the dual-encoder demo")
+    return "vlm-clip" if vlm and loss == "clip" else "vlm" if vlm else "dual"
 
 
 def print_table(summary: dict) -> None:
@@ -56,12 +72,14 @@ def print_table(summary: dict) -> None:
     from rich.table import Table
 
     table = Table(title=f"LoRSU demo ({summary['kind']}): accuracy after each session")
-    cols = ("session", f"target ({summary['target']})", f"control ({summary['control']})", "status", "trainable",
-            "seconds")
+    guarded = "guard" in summary  # vlm-clip: target/control are the VLM's, the guard judged the dual
+    cols = ("session", f"target ({summary['target']})", f"control ({summary['control']})",
+            *(("guard: dual target", "guard: dual control") if guarded else ()), "status", "trainable", "seconds")
     for col in cols:
         table.add_column(col, justify="left" if col == "status" else "right")
     for r in summary["rows"]:
         status = f"scaled (alpha {r['alpha']:g})" if r["status"] == "scaled" else r["status"]
-        table.add_row(str(r["session"]), f"{100 * r['target']:.1f}%", f"{100 * r['control']:.1f}%", status,
+        dual = (f"{100 * r['guard_target']:.1f}%", f"{100 * r['guard_control']:.1f}%") if guarded else ()
+        table.add_row(str(r["session"]), f"{100 * r['target']:.1f}%", f"{100 * r['control']:.1f}%", *dual, status,
                       f"{r['trainable_params']:,}", f"{r['seconds']:.0f}")
     Console().print(table)
