@@ -301,13 +301,19 @@ def _autocast(opts: DemoOptions):
     return device, autocast_factory(resolve_precision(opts.train.precision, device), device)
 
 
-def score_pair(loaded, sets: tuple[Path, Path], autocast) -> dict[str, float]:
-    """{target, control} accuracy of `loaded` on the (target, control) folders."""
-    from lorsu_edge.evaluate import evaluate
+def read_pair(sets: tuple[Path, Path]) -> tuple:
+    """The (target, control) folders' verified samples."""
     from lorsu_edge.samples import read_samples
 
-    return {name: evaluate(loaded, read_samples(folder), autocast=autocast).accuracy
-            for name, folder in zip(("target", "control"), sets)}
+    return tuple(read_samples(folder) for folder in sets)
+
+
+def score_pair(loaded, pair: tuple, autocast) -> dict[str, float]:
+    """{target, control} accuracy of `loaded` on the (target, control) samples of `read_pair`."""
+    from lorsu_edge.evaluate import evaluate
+
+    return {name: evaluate(loaded, samples, autocast=autocast).accuracy
+            for name, samples in zip(("target", "control"), pair)}
 
 
 def baseline_row(model: str, data: DemoData, opts: DemoOptions, text_model: str | None = None) -> dict[str, Any]:
@@ -317,7 +323,7 @@ def baseline_row(model: str, data: DemoData, opts: DemoOptions, text_model: str 
 
     device, autocast = _autocast(opts)
     loaded = load_vlm_tower_in_dual(model, text_model, str(device)) if text_model else load_model(model, device=str(device))
-    return {"session": "base", **score_pair(loaded, (data.target_eval, data.control), autocast),
+    return {"session": "base", **score_pair(loaded, read_pair((data.target_eval, data.control)), autocast),
             "status": "-", "trainable_params": 0, "seconds": 0.0}
 
 
@@ -329,7 +335,8 @@ class VlmScorer:
         from lorsu_edge.load import load_model
 
         device, self.autocast = _autocast(opts)
-        self.loaded, self.sets = load_model(model, device=str(device)), sets
+        # read (and verified) once: the sets are the same every night
+        self.loaded, self.pair = load_model(model, device=str(device)), read_pair(sets)
 
     def score(self, encoder_file: Path | None = None) -> dict[str, Any]:
         """VLM accuracies with the session's merged tower (`encoder_file`; None: the base tower), and the
@@ -342,7 +349,7 @@ class VlmScorer:
         start = time.perf_counter()
         if encoder_file is not None:
             apply_encoder(self.loaded, encoder_file)
-        scores = score_pair(self.loaded, self.sets, self.autocast)
+        scores = score_pair(self.loaded, self.pair, self.autocast)
         return {**scores, "scored_encoder_sha256": tensors_hash(encoder_state_dict(self.loaded.model,
                                                                                      self.loaded.spec)),
                 "score_seconds": round(time.perf_counter() - start, 3)}

@@ -91,28 +91,13 @@ HAVE_ANIMALS = importlib.util.find_spec("animal_mnist") is not None
 
 @pytest.mark.skipif(not HAVE_ANIMALS, reason="needs animal-mnist: pip install --no-deps animal-mnist==0.4")
 def test_vlm_data_negatives_are_unseen_and_control_starts_with_the_vlms_held_out_set(tmp_path):
-    import hashlib
+    from _vlm_demo import digest, gray, vlm_demo_data
 
-    import numpy as np
+    from lorsu_edge.samples import read_samples
+    from lorsu_edge.zoo.vlm import EVAL_QUESTION
 
-    from lorsu_edge.demo import vlm_data
-    from lorsu_edge.samples import load_image, read_samples
-    from lorsu_edge.zoo import datasets
-    from lorsu_edge.zoo.vlm import EVAL_QUESTION, VlmBuildOptions
-
-    build = VlmBuildOptions()
-    opts = DemoOptions.for_kind("vlm", workdir=tmp_path, sessions=2, shots=1, eval_per_class=1,
-                                control_per_class=build.eval_per_class + 2)
-    data = vlm_data(opts, tmp_path / "data")
-    images, _ = datasets.animal_mnist_arrays()
-    align, heldout = datasets.animal_mnist_split(build.seed, build.align_per_class, build.eval_per_class)
-
-    def digest(arr) -> str:
-        return hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest()
-
-    def gray(sample) -> np.ndarray:
-        return np.asarray(load_image(sample.path).convert("L"))
-
+    data, opts, images, align, heldout = vlm_demo_data(tmp_path, sessions=2, shots=1, eval_per_class=1,
+                                                       extra_control=2)
     aligned, held = {digest(images[i]) for i in align}, {digest(images[i]) for i in heldout}
     shown = []
     for folder in [*data.sessions, data.target_eval]:

@@ -28,33 +28,20 @@ def test_anchor_slice_is_disjoint_from_alignment_and_control_pixel_for_pixel():
 def test_vlm_demo_anchors_are_plain_animals_the_vlm_never_saw_and_no_demo_set_holds(tmp_path):
     """Catches anchors overlapping the VLM's alignment or held-out data, the demo's nights, target eval or
     control (pixel for pixel, negatives compared un-inverted), or anchors shown inverted."""
-    import hashlib
+    from _vlm_demo import digest, gray, vlm_demo_data
 
-    import numpy as np
+    from lorsu_edge.demo import ANCHOR_IMAGES
+    from lorsu_edge.samples import read_samples
 
-    from lorsu_edge.demo import ANCHOR_IMAGES, DemoOptions, vlm_data
-    from lorsu_edge.samples import load_image, read_samples
-    from lorsu_edge.zoo import datasets
-    from lorsu_edge.zoo.vlm import VlmBuildOptions
+    data, _, images, align, heldout = vlm_demo_data(tmp_path, sessions=2, shots=2, eval_per_class=2, extra_control=3)
 
-    build = VlmBuildOptions()
-    opts = DemoOptions.for_kind("vlm", workdir=tmp_path, sessions=2, shots=2, eval_per_class=2,
-                                control_per_class=build.eval_per_class + 3)
-    data = vlm_data(opts, tmp_path / "data")
-    images, _ = datasets.animal_mnist_arrays()
-    align, heldout = datasets.animal_mnist_split(build.seed, build.align_per_class, build.eval_per_class)
-
-    def gray(sample) -> bytes:
-        return np.asarray(load_image(sample.path).convert("L")).tobytes()
-
-    def plain(folder, invert: bool) -> list[bytes]:
-        return [hashlib.sha256(bytes(255 - b for b in gray(s)) if invert else gray(s)).hexdigest()
-                for s in read_samples(folder).samples]
+    def plain(folder, invert: bool) -> list[str]:
+        return [digest(255 - gray(s) if invert else gray(s)) for s in read_samples(folder).samples]
 
     shown = [*plain(data.control, False), *(h for f in [*data.sessions, data.target_eval] for h in plain(f, True))]
-    seen = {hashlib.sha256(images[i].tobytes()).hexdigest() for i in align + heldout} | set(shown)
+    seen = {digest(images[i]) for i in align + heldout} | set(shown)
     anchors = read_samples(data.anchor).samples
     digests = plain(data.anchor, False)
     assert len(anchors) == ANCHOR_IMAGES and len(set(digests)) == ANCHOR_IMAGES and not seen & set(digests)
     assert len({s.label for s in anchors}) == 10 and not any(s.is_vqa for s in anchors)
-    assert all(np.frombuffer(gray(s), np.uint8).mean() < 128 for s in anchors)  # plain: light animal, dark ground
+    assert all(gray(s).mean() < 128 for s in anchors)  # plain: light animal, dark ground
