@@ -113,7 +113,7 @@ def _gather_dot(g_t: torch.Tensor, x_t: torch.Tensor, rows: torch.Tensor, cols: 
     return (g_t[rows].float() * x_t[cols].float()).sum(-1)
 
 
-def inductor_split(split: RowSplit, in_f: int):
+def inductor_split(split: RowSplit):
     """The row split with its sampled part as an inductor-compiled gather-dot (transposes included)."""
     dot = torch.compile(_gather_dot, dynamic=True)
     pat = split.sparse
@@ -153,7 +153,8 @@ def measure(name: str, indices: torch.Tensor, shape: tuple[int, int], args) -> d
     kernels = {"dense": lambda: dense_grad(g, x, indices.long()), "split": lambda: split.grad(g, x),
                "stair": lambda: stair.grad(g, x)}
     if not args.no_inductor:
-        kernels["split+inductor"] = (lambda f: lambda: f(g, x))(inductor_split(split, in_f))
+        compiled = inductor_split(split)
+        kernels["split+inductor"] = lambda: compiled(g, x)
     reference = dense_grad(g.float(), x.float(), indices.long())
     repeats = 1 if args.smoke else args.repeats
     return {"module": name, "shape": list(shape), "entries": int(indices.numel()),
